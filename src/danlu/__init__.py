@@ -1,0 +1,28 @@
+"""danlu (丹炉): PyTorch optimizers from Su Jianlin's optimizer essays.
+
+Adaptive optimizers (Lion, Tiger, AdaX, Adafactor, Amos) built on :class:`torch.optim.Optimizer`,
+and Su's hyperparameter recipes (AdamW → Lion, scale-aware lr and weight decay).
+"""
+
+from .optim.adafactor import Adafactor
+from .optim.adax import AdaX
+from .optim.amos import Amos, amos_groups
+from .optim.lion import Lion, Tiger
+from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
+
+__version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "AdaX",
+        "Adafactor",
+        "Amos",
+        "Lion",
+        "ScaleAwareSchedule",
+        "Tiger",
+        "amos_groups",
+        "lion_from_adamw",
+        "scale_aware_groups",
+        "scale_aware_lr_lambda",
+    ]
+)

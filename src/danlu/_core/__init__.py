@@ -1,0 +1,1 @@
+"""What every danlu optimizer shares: the base class, validation and the shared math."""

@@ -1,0 +1,75 @@
+"""Shared math of danlu's kernels: decoupled decay, RMS, factored second moments.
+
+All functions are plain tensor code with no ``.item()`` and no branching on tensor values, so a kernel
+built from them stays ``torch.compile``-clean. Scalars that change between steps (bias corrections,
+relative step sizes) are 0-d float64 tensors computed from the step count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "decoupled_decay_",
+    "rms",
+    "factored_dims",
+    "factored_rsqrt",
+    "acc_dtype",
+    "propagate_nonfinite_",
+]
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype for reductions: float32 for 16-bit floats, the tensor's own dtype otherwise."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def decoupled_decay_(param: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """AdamW-style decay on the pre-update parameter, multiplied by the lr: θ ← θ·(1 − lr·λ)."""
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """RMS(x) = sqrt(mean(x²)) over the whole tensor, as a 0-d tensor (accumulated in ≥ float32)."""
+    norm = torch.linalg.vector_norm(x, dtype=acc_dtype(x))
+    return norm / math.sqrt(max(x.numel(), 1))
+
+
+def factored_dims(shape: torch.Size | tuple[int, ...], min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """The two dims a second moment is factored over, or ``None`` to keep it unfactored.
+
+    Follows the paper as Su, optax and mesh-tf implement it: the two largest dims, and only when the
+    smaller of them has at least ``min_dim_size_to_factor`` entries. Returns ``(d0, d1)`` with ``d0`` the
+    largest dim (averaged out of the row statistic) and ``d1`` the second largest (averaged out of the
+    column statistic). Ties keep the later index as the larger one (a stable sort, as numpy's argsort).
+    """
+    if len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    d0, d1 = order[-1], order[-2]
+    if shape[d1] < min_dim_size_to_factor:
+        return None
+    return d0, d1
+
+
+def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, d1: int) -> torch.Tensor:
+    """1/√V̂ for the rank-1 estimate V̂ = R·C / mean(R), R and C kept with size-1 reduced dims.
+
+    ``row`` has size 1 along d0 (the mean of g² over d0) and ``col`` size 1 along d1; their outer
+    product over the mean of ``row`` along d1 is the I-divergence-optimal nonnegative rank-1 fit
+    (Shazeer & Stern 2018, §3; Su, kexue.fm/archives/7302).
+    """
+    return (row / row.mean(dim=d1, keepdim=True)).rsqrt() * col.rsqrt()
+
+
+def propagate_nonfinite_(update: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Make ``update`` NaN wherever ``source`` is NaN or ±inf, in place.
+
+    ``torch.sign`` maps NaN to 0 and ±inf to ±1, so a sign-based update would silently hide a
+    non-finite gradient while the momentum stays corrupted. ``source·0`` is 0 for finite entries and
+    NaN otherwise; adding it keeps finite entries bit-exact.
+    """
+    return update.add_(source.mul(0))

@@ -1,0 +1,81 @@
+"""One validation helper and one message format for every danlu hyperparameter.
+
+Every bad value raises ``ValueError("Invalid <name>: <value!r> (expected <what>)")``; a value of the
+wrong type raises ``TypeError`` with the same shape of message. Checks run before an optimizer or a
+param group is created, so a failed check leaves nothing half-built.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+
+__all__ = ["check_number", "check_betas", "check_bool", "check_optional"]
+
+
+def _fail(name: str, value: Any, expected: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"Invalid {name}: {value!r} (expected {expected})")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            _fail(name, value, "a real number", TypeError)
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        _fail(name, value, "a real number", TypeError)
+    return float(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number in the stated interval and return it as float.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open`` is set.
+    """
+    x = _as_float(name, value)
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(name, value, "an int", TypeError)
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    lo_txt = "-inf" if low is None else f"{low:g}"
+    hi_txt = "inf" if high is None else f"{high:g}"
+    interval = f"{lo}{lo_txt}, {hi_txt}{hi}"
+    if math.isnan(x) or math.isinf(x):
+        _fail(name, value, f"a finite number in {interval}")
+    if low is not None and (x < low or (low_open and x == low)):
+        _fail(name, value, f"a number in {interval}")
+    if high is not None and (x > high or (high_open and x == high)):
+        _fail(name, value, f"a number in {interval}")
+    return x
+
+
+def check_optional(name: str, value: Any, **kwargs: Any) -> float | None:
+    """Like :func:`check_number`, but ``None`` passes through."""
+    return None if value is None else check_number(name, value, **kwargs)
+
+
+def check_betas(name: str, betas: Any, *, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """Check a pair of decay rates, each in ``[low, high)``."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        _fail(name, betas, "a pair of floats", TypeError)
+    return tuple(  # type: ignore[return-value]
+        check_number(f"{name}[{i}]", b, low=low, high=high, high_open=True) for i, b in enumerate(betas)
+    )
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, value, "a bool", TypeError)
+    return value

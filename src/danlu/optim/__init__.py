@@ -1,0 +1,1 @@
+"""danlu's optimizers, one algorithm per file."""

@@ -1,0 +1,185 @@
+"""Adafactor: factored second moments and relative step sizes, per-tensor kernel and optimizer class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._core.numerics import factored_dims, factored_rsqrt, rms
+from .._core.optimizer import DanluOptimizer, ParamsT
+from .._core.validate import check_bool, check_number, check_optional
+
+__all__ = ["Adafactor", "adafactor_update"]
+
+
+def adafactor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    lr: float | None,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    dims: tuple[int, int] | None,
+) -> None:
+    """One Adafactor step for one tensor, in place; ``state["step"]`` (0-d float64) is incremented here.
+
+    β̂_t = 1 − t^(−c);  G2 = g² + ε1;  factored: R ← β̂R + (1−β̂)·mean_{d0}G2, C ← β̂C + (1−β̂)·mean_{d1}G2,
+    V̂ = R·C/mean(R);  unfactored: V̂ ← β̂V̂ + (1−β̂)G2;  U = g/√V̂;  Û = U/max(1, RMS(U)/d);
+    [m ← β1·m + (1−β1)·Û];  ρ_t = lr or min(1e-2, 1/√t);  α_t = ρ_t·max(ε2, RMS(θ)) (or ρ_t);
+    θ ← θ·(1 − ρ_t·λ) − α_t·Û (or m).
+    """
+    step = state["step"]
+    step.add_(1)
+    one_minus_beta2 = step.pow(-decay_rate)  # 1 − β̂_t, exactly 1 at t = 1
+    beta2_hat = 1.0 - one_minus_beta2
+    g2 = grad.square().add_(eps1)
+    if dims is not None:
+        d0, d1 = dims
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2_hat).add_(g2.mean(dim=d0, keepdim=True).mul_(one_minus_beta2))
+        col.mul_(beta2_hat).add_(g2.mean(dim=d1, keepdim=True).mul_(one_minus_beta2))
+        update = factored_rsqrt(row, col, d1).mul_(grad)
+    else:
+        v = state["exp_avg_sq"]
+        v.mul_(beta2_hat).add_(g2.mul_(one_minus_beta2))
+        update = v.rsqrt().mul_(grad)
+    update.div_(torch.clamp(rms(update) / clip_threshold, min=1.0))
+    if beta1 is not None:
+        exp_avg = state["exp_avg"]
+        exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
+        update = exp_avg
+    rho = torch.clamp(step.rsqrt(), max=1e-2) if lr is None else torch.tensor(lr, dtype=torch.float64)
+    alpha = rho * torch.clamp(rms(param), min=eps2) if scale_parameter else rho
+    if weight_decay != 0.0:
+        param.mul_(1.0 - rho * weight_decay)
+    param.sub_(update * alpha)
+
+
+class Adafactor(DanluOptimizer):
+    r"""Adafactor: Adam-like steps with factored second moments and parameter-relative step sizes.
+
+    For a parameter θ with gradient g at step t ≥ 1::
+
+        β̂_t = 1 − t^(−c)                           # c = decay_rate; β̂_1 = 0, so no bias correction
+        G²  = g² + ε1
+        if factored (two largest dims n, m both ≥ min_dim_size_to_factor):
+            R_t = β̂_t·R_{t−1} + (1 − β̂_t)·mean over the largest dim of G²      # n numbers for n×m
+            C_t = β̂_t·C_{t−1} + (1 − β̂_t)·mean over the 2nd-largest dim of G²  # m numbers
+            V̂_t = R_t·C_t / mean(R_t)
+        else:
+            V̂_t = β̂_t·V̂_{t−1} + (1 − β̂_t)·G²
+        U_t = g / √V̂_t;   Û_t = U_t / max(1, RMS(U_t)/d)               # d = clip_threshold
+        [m_t = β1·m_{t−1} + (1 − β1)·Û_t; use m_t below]               # optional momentum
+        ρ_t = lr if lr is not None else min(1e-2, 1/√t)
+        α_t = ρ_t·max(ε2, RMS(θ_{t−1})) if scale_parameter else ρ_t
+        θ_t = θ_{t−1}·(1 − ρ_t·λ) − α_t·Û_t
+
+    The rank-1 factorisation is the closed-form minimiser of the generalised KL divergence to G²
+    (Su's derivation), so a rank-1 G² is recovered exactly at step 1. State for an n×m matrix is
+    n + m numbers (``exp_avg_sq_row``, ``exp_avg_sq_col``); ≥3-D tensors are factored over their two
+    largest dims; tensors below the threshold keep a full ``exp_avg_sq``. Plus ``step`` (0-d float64)
+    and ``exp_avg`` when ``beta1`` is set.
+
+    Args:
+        params: parameters or param groups.
+        lr: ``None`` (default) for the relative step min(1e-2, 1/√t); a float is the absolute ρ, so
+            ``torch.optim.lr_scheduler`` schedules it.
+        eps: (ε1, ε2) = (1e-30, 1e-3): ε1 regularises G², ε2 floors the parameter scale.
+        clip_threshold: d, the bound on RMS(Û) (default 1.0).
+        decay_rate: c > 0 in β̂_t = 1 − t^(−c) (default 0.8).
+        beta1: momentum on Û (default ``None``: no momentum, no first-moment memory).
+        weight_decay: λ, decoupled, multiplied by ρ_t (not by α_t) (default 0).
+        scale_parameter: multiply ρ_t by max(ε2, RMS(θ)) (default ``True``).
+        min_dim_size_to_factor: factor only when both of the two largest dims reach it (default 128).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+        arXiv:1804.04235 (2018); Su Jianlin, kexue.fm/archives/7302 and bojone/adafactor; optax
+        ``adafactor``; mesh-tf.
+
+    Deviations:
+        Follows the paper as Su, optax and mesh-tf implement it, which differs from
+        ``torch.optim.Adafactor`` (its ``lr`` caps ρ_t and is always param-scaled; it factors the last
+        two dims of any ≥2-D tensor; ε1 clamps V̂ instead of being added to G²) and from HF transformers
+        (momentum on the scaled update, decay ×α_t). The two agree with torch on vectors and on matrices
+        whose two dims are ≥ 128. The mesh-tf rule that scales the relative step by 0.05 when
+        ``scale_parameter=False`` is not applied. Momentum is an EMA of Û before scaling (Su, bert4keras).
+        Weight decay multiplies ρ_t. State is kept in the parameter's dtype.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = 0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        min_dim_size_to_factor: int = 128,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        check_optional("lr", group["lr"], low=0.0)
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"Invalid eps: {eps!r} (expected a pair (eps1, eps2))")
+        group["eps"] = (check_number("eps[0]", eps[0], low=0.0), check_number("eps[1]", eps[1], low=0.0))
+        check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
+        check_number("decay_rate", group["decay_rate"], low=0.0, low_open=True)
+        check_optional("beta1", group["beta1"], low=0.0, high=1.0, high_open=True)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_bool("scale_parameter", group["scale_parameter"])
+        check_number("min_dim_size_to_factor", group["min_dim_size_to_factor"], low=1, integer=True)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float64)
+        dims = factored_dims(p.shape, group["min_dim_size_to_factor"])
+        if dims is None:
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            d0, d1 = dims
+            row_shape = list(p.shape)
+            row_shape[d0] = 1
+            col_shape = list(p.shape)
+            col_shape[d1] = 1
+            state["exp_avg_sq_row"] = p.new_zeros(row_shape)
+            state["exp_avg_sq_col"] = p.new_zeros(col_shape)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        eps1, eps2 = group["eps"]
+        adafactor_update(
+            p,
+            grad,
+            state,
+            lr=group["lr"],
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            beta1=group["beta1"],
+            weight_decay=group["weight_decay"],
+            scale_parameter=group["scale_parameter"],
+            dims=factored_dims(p.shape, group["min_dim_size_to_factor"]),
+        )

@@ -1,0 +1,126 @@
+"""AdaX-W: Adam with a long-term-memory second moment, per-tensor kernel and optimizer class."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .._core.numerics import decoupled_decay_
+from .._core.optimizer import DanluOptimizer, ParamsT
+from .._core.validate import check_betas, check_number
+
+__all__ = ["AdaX", "adax_update", "adax_beta_hat"]
+
+
+def adax_beta_hat(step: torch.Tensor, beta2: float) -> torch.Tensor:
+    """β̂_t = 1 − β2 / ((1+β2)^t − 1), with (1+β2)^t − 1 = expm1(t·log1p(β2)) in float64.
+
+    ``step`` is a float64 tensor (0-d in the optimizer). β̂_1 = 0 up to float64 rounding, β̂_t → 1.
+    """
+    return 1.0 - beta2 / torch.expm1(step.to(torch.float64) * math.log1p(beta2))
+
+
+def adax_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdaX-W step for one tensor, in place. ``step`` (0-d float64) is incremented here.
+
+    m ← β1·m + (1−β1)·g;  v̂ ← β̂_t·v̂ + (1−β̂_t)·g²;  θ ← θ·(1−η·λ) − η·m/(√v̂ + ε)
+    """
+    step.add_(1)
+    beta_hat = adax_beta_hat(step, beta2)
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta_hat).add_(grad.square().mul_(1.0 - beta_hat))
+    decoupled_decay_(param, lr, weight_decay)
+    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+
+
+class AdaX(DanluOptimizer):
+    r"""AdaX-W: Adam whose second moment remembers the whole past, with decoupled weight decay.
+
+    AdaX replaces Adam's second moment by v_t = (1+β2)·v_{t−1} + β2·g_t², normalised by
+    (1+β2)^t − 1. danlu stores the normalised v̂ directly, using the equivalent recursion (Su)::
+
+        β̂_t = 1 − β2 / ((1+β2)^t − 1)              # β̂_1 = 0, β̂_t → 1
+        m_t = β1·m_{t−1} + (1 − β1)·g_t             # no bias correction (all references agree)
+        v̂_t = β̂_t·v̂_{t−1} + (1 − β̂_t)·g_t²
+        θ_t = θ_{t−1}·(1 − η·λ) − η·m_t / (√v̂_t + ε)
+
+    Unlike Adam (β̂_t → β2 < 1), β̂_t → 1, so old gradients never fade out of v̂. Because m is not
+    bias-corrected, the first step is −η·(1−β1)·sign(g): an implicit warm-up over ≈1/(1−β1) steps.
+
+    Numerics: the raw v and (1+β2)^t overflow float32 after ≈0.9M steps; the normalised recursion does
+    not, and (1+β2)^t − 1 is computed as expm1(t·log1p(β2)) in float64 (the step counter is a 0-d
+    float64 tensor), so AdaX is safe for many millions of steps.
+
+    Args:
+        params: parameters or param groups.
+        lr: η (default 1e-3; the authors used 5e-3 with weight decay 5e-2 for AdaX-W on CIFAR-10).
+        betas: (β1, β2) (default (0.9, 1e-4)).
+        eps: ε, added outside the square root of the normalised v̂ (default 1e-6, Su's V2 value).
+        weight_decay: λ, decoupled and multiplied by lr (default 0).
+
+    State: ``step`` (0-d float64), ``exp_avg`` (m) and ``exp_avg_sq`` (v̂), in the parameter's dtype.
+
+    References:
+        Li, Zhang, Wang, Luo, "AdaX: Adaptive Gradient Descent with Exponential Long Term Memory",
+        arXiv:2004.09740 (2020), Alg. 2 and AdaX-W; switchablenorms/AdaX; Su Jianlin,
+        kexue.fm/archives/7387; bojone/adax ``AdaX_V2``.
+
+    Deviations:
+        ε placement: the paper has no ε; the authors' code adds 1e-12 to √v on the *unnormalised* v
+        (an ε that shrinks over time); Su's essay puts ε inside the root. danlu follows Su's V2 code:
+        ε outside √v̂ on the normalised v̂. Weight decay is the decoupled AdaX-W form, not the coupled
+        L2 of the authors' ``AdaX`` class.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 1e-4),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        check_number("lr", group["lr"], low=0.0)
+        beta1, beta2 = check_betas("betas", group["betas"])
+        if beta2 == 0.0:
+            check_number("betas[1]", beta2, low=0.0, low_open=True, high=1.0, high_open=True)
+        group["betas"] = (beta1, beta2)
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float64)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        adax_update(
+            p,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )

@@ -1,0 +1,132 @@
+"""Lion (EvoLved Sign Momentum) and Tiger (Lion with one β), per-tensor kernel and optimizer classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._core.numerics import decoupled_decay_, propagate_nonfinite_
+from .._core.optimizer import DanluOptimizer, ParamsT
+from .._core.validate import check_betas, check_number
+
+__all__ = ["Lion", "Tiger", "lion_update"]
+
+
+def lion_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One Lion step for one tensor, in place (google/automl order).
+
+    c = β1·m + (1−β1)·g;  θ ← θ·(1 − η·λ) − η·sign(c);  m ← β2·m + (1−β2)·g
+    """
+    c = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1)
+    update = propagate_nonfinite_(torch.sign(c), c)
+    decoupled_decay_(param, lr, weight_decay)
+    param.add_(update, alpha=-lr)
+    exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+
+
+class Lion(DanluOptimizer):
+    r"""Lion: sign of an interpolated momentum, with decoupled weight decay.
+
+    For each parameter θ with gradient g_t (t ≥ 1, m_0 = 0)::
+
+        c_t = β1·m_{t−1} + (1 − β1)·g_t          # interpolation with the OLD momentum
+        θ_t = θ_{t−1} − η·(sign(c_t) + λ·θ_{t−1})  # decay ×lr on the pre-update θ
+        m_t = β2·m_{t−1} + (1 − β2)·g_t          # momentum updated after the step
+
+    Every coordinate with c ≠ 0 moves by exactly η (plus the decay), so the update has unit RMS per
+    coordinate and η is a per-coordinate step size. State: one buffer ``exp_avg`` (m) in the
+    parameter's dtype; no step counter, no bias correction, no ε.
+
+    Args:
+        params: parameters or param groups.
+        lr: η (default 1e-4). Lion wants an lr 3–10× smaller than AdamW's (the paper; Su says ≥10×);
+            see :func:`danlu.lion_from_adamw`.
+        betas: (β1, β2) (default (0.9, 0.99)); the paper uses (0.95, 0.98) for language models.
+        weight_decay: λ, decoupled and multiplied by lr (default 0).
+
+    References:
+        Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
+        google/automl ``lion/lion_pytorch.py``; Su Jianlin, kexue.fm/archives/9473.
+
+    Deviations:
+        None from google/automl. lion-pytorch's optional "fully decoupled" decay (λ/η_0) is not offered;
+        optax's default λ = 1e-3 is not ours (we default to 0). Non-finite gradients: ``torch.sign``
+        maps NaN to 0 and ±inf to ±1, which would hide a bad gradient; danlu instead makes every
+        parameter entry whose c_t is NaN or ±inf NaN, so the failure shows in the loss.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        check_number("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas("betas", group["betas"])
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lion_update(
+            p, grad, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]
+        )
+
+
+class Tiger(DanluOptimizer):
+    r"""Tiger (Tight-fisted optimizer): Lion with β1 = β2 = β, i.e. the sign of an EMA of gradients.
+
+    For each parameter (m_0 = 0)::
+
+        m_t = β·m_{t−1} + (1 − β)·g_t
+        θ_t = θ_{t−1}·(1 − η·λ) − η·sign(m_t)
+
+    This is exactly :class:`Lion` with ``betas=(β, β)`` (the interpolation c_t equals the new m_t),
+    and, because θ depends on the gradients only through the EMA, it is the optimizer for which
+    gradient accumulation inside the momentum is exact. State: ``exp_avg`` only.
+
+    Args:
+        params: parameters or param groups.
+        lr: η (required; Su's scale-aware recipe, :func:`danlu.scale_aware_groups`, sets it per tensor).
+        beta: β (default 0.965).
+        weight_decay: λ, decoupled and multiplied by lr (default 0).
+
+    References:
+        Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
+        bojone/tiger. Lion: arXiv:2302.06675.
+
+    Deviations:
+        Su's reference adds its own lr schedule and per-parameter lr scaling; here those are the job of
+        :func:`danlu.scale_aware_groups` and ``torch.optim.lr_scheduler``. Non-finite gradients make the
+        affected parameter entries NaN (see :class:`Lion`).
+    """
+
+    def __init__(self, params: ParamsT, lr: float, beta: float = 0.965, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+
+    def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        check_number("lr", group["lr"], low=0.0)
+        check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+
+    _init_state = Lion._init_state
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta = group["beta"]
+        lion_update(p, grad, state["exp_avg"], lr=group["lr"], beta1=beta, beta2=beta, weight_decay=group["weight_decay"])
