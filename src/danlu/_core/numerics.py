@@ -48,8 +48,14 @@ def factored_dims(shape: torch.Size | tuple[int, ...], min_dim_size_to_factor: i
     """
     if len(shape) < 2:
         return None
-    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
-    d0, d1 = order[-1], order[-2]
+    d0, d1 = 1, 0  # largest, second largest; a later index wins ties (written as loops to trace cleanly)
+    if shape[0] > shape[1]:
+        d0, d1 = 0, 1
+    for i in range(2, len(shape)):
+        if shape[i] >= shape[d0]:
+            d0, d1 = i, d0
+        elif shape[i] >= shape[d1]:
+            d1 = i
     if shape[d1] < min_dim_size_to_factor:
         return None
     return d0, d1
