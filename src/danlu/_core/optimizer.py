@@ -22,6 +22,8 @@ __all__ = ["DanluOptimizer", "ParamsT"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 _TAG = "danlu_optimizer"
+# Group keys that torch itself may add to a group (lr schedulers, named parameters).
+_GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names"})
 
 
 class DanluOptimizer(torch.optim.Optimizer):
@@ -92,6 +94,8 @@ class DanluOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, group, state)
+            if p.numel() == 0:
+                continue  # nothing to move; reductions over empty dims would write NaN into the state
             self._update(p, p.grad, state, group)
         return loss
 
@@ -103,8 +107,9 @@ class DanluOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same optimizer class over the same parameter layout.
 
-        Refuses (``ValueError``), before changing anything, a state dict from another optimizer class,
-        with other hyperparameter keys, another number of groups or parameters per group, or state
+        Refuses (``ValueError``), before changing anything, a state dict from another optimizer class
+        (tagged by :meth:`state_dict`; an untagged one, e.g. rebuilt by a checkpointing tool, must not
+        carry hyperparameters this optimizer lacks), with missing hyperparameter keys, another number of groups or parameters per group, or state
         entries whose names or shapes do not fit the parameters.
         """
         self._check_state_dict(state_dict)
@@ -136,6 +141,12 @@ class DanluOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{me}.load_state_dict: param group {i} lacks hyperparameters {missing}; "
                     "the state dict was saved by a different optimizer"
+                )
+            foreign = sorted(set(saved) - set(mine) - _GROUP_BOOKKEEPING)
+            if tag is None and foreign:
+                raise ValueError(
+                    f"{me}.load_state_dict: param group {i} has hyperparameters {foreign} that {me} does not "
+                    "have; the state dict was saved by a different optimizer"
                 )
             merged = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
             for pid, p in zip(saved["params"], mine["params"]):

@@ -22,9 +22,7 @@ def _fail(name: str, value: Any, expected: str, exc: type[Exception] = ValueErro
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            _fail(name, value, "a real number", TypeError)
-        return float(value)
+        _fail(name, value, "a Python number; tensor hyperparameters are not supported", TypeError)
     if isinstance(value, bool) or not isinstance(value, Real):
         _fail(name, value, "a real number", TypeError)
     return float(value)

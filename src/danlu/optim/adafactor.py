@@ -90,7 +90,8 @@ class Adafactor(DanluOptimizer):
     Args:
         params: parameters or param groups.
         lr: ``None`` (default) for the relative step min(1e-2, 1/√t); a float is the absolute ρ, so
-            ``torch.optim.lr_scheduler`` schedules it.
+            ``torch.optim.lr_scheduler`` schedules it (schedulers need a float: with ``lr=None`` the
+            group's ``lr`` is ``None`` and a scheduler cannot multiply it).
         eps: (ε1, ε2) = (1e-30, 1e-3): ε1 regularises G², ε2 floors the parameter scale.
         clip_threshold: d, the bound on RMS(Û) (default 1.0).
         decay_rate: c > 0 in β̂_t = 1 − t^(−c) (default 0.8).

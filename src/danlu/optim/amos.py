@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._core.modules import classify_parameters
+from .._core.numerics import propagate_nonfinite_
 from .._core.optimizer import DanluOptimizer, ParamsT
 from .._core.validate import check_number, check_optional
 
@@ -56,7 +57,8 @@ def amos_update(
     step, v, b = state["step"], state["v"], state["b"]
     step.add_(1)
     if clip_value is not None:
-        grad = grad.clamp(-clip_value, clip_value)
+        # clamp maps ±inf to ±clip_value; keep a non-finite gradient visible (NaN) instead.
+        grad = propagate_nonfinite_(grad.clamp(-clip_value, clip_value), grad)
     g2 = grad.square()
     if reduce_dims:
         g2 = g2.mean(dim=reduce_dims, keepdim=True)

@@ -1,0 +1,679 @@
+"""The shared battery: every exported optimizer (tests/optim_db.py) against the torch.optim contract.
+
+Parametrised over ``optim_db.configs()``: each spec's base kwargs ("default") and its variants. Skips
+come from the db (``OptimSpec.skips``), always with a reason. Everything runs on CPU with tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import danlu
+from optim_db import OPTIM_DB, Config, OptimSpec, configs, spec_by_name
+
+ALL = configs()
+BASE = configs(variants=False)
+
+
+def _ids(cfgs: list[Config]) -> list[str]:
+    return [c.id for c in cfgs]
+
+
+def over(cfgs: list[Config]):
+    return pytest.mark.parametrize("cfg", cfgs, ids=_ids(cfgs))
+
+
+over_all = over(ALL)
+over_base = over(BASE)
+over_specs = pytest.mark.parametrize("spec", OPTIM_DB, ids=[s.name for s in OPTIM_DB])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The battery's tensors are tiny: intra-op threads only add spin time (10-50x slower on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _db_skips(request):
+    """Apply ``OptimSpec.skips`` (data with a reason) to the running test."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None:
+        return
+    name = request.node.originalname
+    cfg = callspec.params.get("cfg")
+    spec = callspec.params.get("spec")
+    reason = None
+    if isinstance(cfg, Config):
+        reason = cfg.skip_reason(name)
+    elif isinstance(spec, OptimSpec):
+        reason = spec.skips.get(f"{name}/default") or spec.skips.get(name)
+    if reason:
+        pytest.skip(reason)
+
+
+# --- problems --------------------------------------------------------------------------------------
+
+
+def mlp_problem(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny MLP regression on fixed random data: (model, X, y)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 8, generator=g)
+    w = torch.randn(8, 1, generator=g)
+    y = torch.tanh(X @ w) + 0.5 * torch.sin(2.0 * X[:, 1:2])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    return model.to(dtype), X.to(dtype), y.to(dtype)
+
+
+def mlp_closure(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor) -> Callable:
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(X), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def raw_params(shapes, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def raw_closure(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable:
+    """A smooth non-quadratic loss whose gradient is non-zero almost everywhere."""
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = sum(((p - 0.3) ** 2).sum() + 0.1 * (p**4).sum() for p in params)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def do_step(cfg: Config | OptimSpec, opt: torch.optim.Optimizer, closure: Callable) -> Any:
+    spec = cfg.spec if isinstance(cfg, Config) else cfg
+    if spec.requires_closure:
+        return opt.step(closure)
+    loss = closure()
+    opt.step()
+    return loss
+
+
+def train(cfg: Config, model, opt, X, y, n: int, sched=None) -> list[float]:
+    closure = mlp_closure(model, opt, X, y)
+    losses = []
+    for _ in range(n):
+        losses.append(float(do_step(cfg, opt, closure).detach()))
+        if sched is not None:
+            sched.step()
+    return losses
+
+
+def params_of(model_or_list) -> list[torch.Tensor]:
+    if isinstance(model_or_list, nn.Module):
+        return [p.detach().clone() for p in model_or_list.parameters()]
+    return [p.detach().clone() for p in model_or_list]
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor], what: str = "params") -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}[{i}]: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}"
+        assert torch.equal(x, y), f"{what}[{i}] differ (max |Δ| = {(x.double() - y.double()).abs().max().item():.3g})"
+
+
+def assert_same_tree(a: Any, b: Any, path: str = "") -> None:
+    """Recursive equality of state dicts: tensors bitwise with the same dtype, other leaves by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} vs {b!r}"
+
+
+def snapshot(opt: torch.optim.Optimizer):
+    """Everything load_state_dict / add_param_group could change, deep-copied."""
+    return (
+        copy.deepcopy(opt.state_dict()),
+        [sorted(g) for g in opt.param_groups],
+        [[id(p) for p in g["params"]] for g in opt.param_groups],
+        {id(p): sorted(s) for p, s in opt.state.items()},
+    )
+
+
+def assert_unchanged(opt: torch.optim.Optimizer, before) -> None:
+    after = snapshot(opt)
+    assert after[1] == before[1], f"param group keys changed: {before[1]} -> {after[1]}"
+    assert after[2] == before[2], "param group membership changed"
+    assert after[3] == before[3], "optimizer state keys changed"
+    assert_same_tree(before[0], after[0], "state_dict")
+
+
+# --- enrollment ------------------------------------------------------------------------------------
+
+
+def test_every_exported_optimizer_is_enrolled():
+    exported = {
+        name
+        for name in danlu.__all__
+        if isinstance(getattr(danlu, name), type) and issubclass(getattr(danlu, name), torch.optim.Optimizer)
+    }
+    enrolled = {spec.name for spec in OPTIM_DB}
+    missing = sorted(exported - enrolled)
+    assert not missing, f"exported optimizers without an entry in tests/optim_db.py: {missing}"
+    for spec in OPTIM_DB:
+        assert spec.name in danlu.__all__, f"{spec.name} is in optim_db but not exported"
+        assert getattr(danlu, spec.name) is spec.cls
+    assert len(enrolled) == len(OPTIM_DB), "duplicate names in optim_db"
+
+
+def test_skip_keys_name_real_tests():
+    tests = {name for name, obj in globals().items() if name.startswith("test_") and callable(obj)}
+    for spec in OPTIM_DB:
+        for key, reason in spec.skips.items():
+            name, _, variant = key.partition("/")
+            assert name in tests, f"{spec.name}: skip key {key!r} names no battery test"
+            assert not variant or variant == "default" or variant in spec.variants, f"{spec.name}: {key!r}"
+            assert isinstance(reason, str) and len(reason) > 10, f"{spec.name}: skip {key!r} needs a reason"
+
+
+def test_db_entries_cover_the_required_errors():
+    """Every entry checks at least: a bad lr, a wrong type and an unknown keyword."""
+    for spec in OPTIM_DB:
+        kinds = [(set(b.kwargs) | set(b.group or {}), b.exc, b.regex) for b in spec.bad]
+        assert any("lr" in k and e is ValueError for k, e, _ in kinds), f"{spec.name}: no bad-lr case"
+        assert any(e is TypeError and "unexpected keyword" not in r for _, e, r in kinds), f"{spec.name}: no wrong-type case"
+        assert any(e is TypeError and "unexpected keyword" in r for _, e, r in kinds), f"{spec.name}: no unknown-keyword case"
+        for desc in spec.variants:
+            assert desc != "default", f"{spec.name}: 'default' is the name of the base config"
+
+
+# --- hyperparameter validation ---------------------------------------------------------------------
+
+BAD_CASES = [(spec, bad) for spec in OPTIM_DB for bad in spec.bad]
+
+
+def _bad_id(spec: OptimSpec, bad) -> str:
+    parts = [f"{k}={v!r}" for k, v in bad.kwargs.items()] + [f"group.{k}={v!r}" for k, v in (bad.group or {}).items()]
+    return f"{spec.name}-{','.join(parts)}"
+
+
+over_bad = pytest.mark.parametrize("spec,bad", BAD_CASES, ids=[_bad_id(s, b) for s, b in BAD_CASES])
+# Constructor-only errors (an unknown keyword) do not apply to groups, which may carry extra keys.
+BAD_GROUP_CASES = [(s, b) for s, b in BAD_CASES if b.in_group]
+over_bad_group = pytest.mark.parametrize(
+    "spec,bad", BAD_GROUP_CASES, ids=[_bad_id(s, b) for s, b in BAD_GROUP_CASES]
+)
+
+
+def _bad_params():
+    return [torch.zeros(3, 4, requires_grad=True)]
+
+
+@over_bad
+def test_bad_hyperparameter_raises(spec: OptimSpec, bad):
+    params = _bad_params()
+    arg = params if bad.group is None else [{"params": params, **bad.group}]
+    with pytest.raises(bad.exc, match=bad.regex):
+        spec.cls(arg, **{**spec.kwargs, **bad.kwargs})
+
+
+@over_bad_group
+def test_bad_param_group_is_refused_and_not_added(spec: OptimSpec, bad):
+    model, X, y = mlp_problem()
+    opt = spec.cls(list(model[0].parameters()), **spec.kwargs)
+    train(Config(spec, "default", spec.kwargs), model, opt, X, y, 2)
+    groups_before = list(opt.param_groups)
+    before = snapshot(opt)
+    with pytest.raises(bad.exc, match=bad.regex):
+        opt.add_param_group({"params": [torch.zeros(3, 4, requires_grad=True)], **bad.kwargs, **(bad.group or {})})
+    assert len(opt.param_groups) == len(groups_before)
+    assert all(a is b for a, b in zip(opt.param_groups, groups_before))
+    assert_unchanged(opt, before)
+    # The optimizer still works afterwards.
+    train(Config(spec, "default", spec.kwargs), model, opt, X, y, 1)
+
+
+@over_specs
+def test_good_param_group_can_be_added(spec: OptimSpec):
+    model, X, y = mlp_problem()
+    opt = spec.cls(list(model[0].parameters()), **spec.kwargs)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert len(opt.param_groups) == 2
+    before = params_of(model[2])
+    train(Config(spec, "default", spec.kwargs), model, opt, X, y, 2)
+    assert not all(torch.equal(a, b) for a, b in zip(before, params_of(model[2])))
+
+
+@over_specs
+def test_complex_params_raise_type_error(spec: OptimSpec):
+    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="complex"):
+        spec.cls([z], **spec.kwargs)
+    with pytest.raises(TypeError, match="complex"):
+        spec.cls([torch.zeros(3, requires_grad=True), z], **spec.kwargs)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+@over_all
+def test_loss_goes_down(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    losses = train(cfg, model, opt, X, y, 80)
+    with torch.no_grad():
+        final = float(F.mse_loss(model(X), y))
+    assert all(math.isfinite(v) for v in losses)
+    assert final < cfg.spec.loss_ratio * losses[0], f"loss {losses[0]:.4g} -> {final:.4g}"
+
+
+# --- state_dict ------------------------------------------------------------------------------------
+
+
+@over_all
+def test_state_dict_round_trip_bitwise_lockstep(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    train(cfg, model, opt, X, y, 3)
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    model2 = copy.deepcopy(model)
+    opt2 = cfg.make(model2.parameters())
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert_same_tree(opt.state_dict(), opt2.state_dict(), "state_dict after load")
+    # The loaded state does not alias the original's.
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for k, v in opt2.state[p2].items():
+            if isinstance(v, torch.Tensor) and v.numel():
+                assert v.data_ptr() != opt.state[p][k].data_ptr()
+
+    for _ in range(5):
+        train(cfg, model, opt, X, y, 1)
+        train(cfg, model2, opt2, X, y, 1)
+        assert_bitwise(params_of(model), params_of(model2))
+    assert_same_tree(opt.state_dict(), opt2.state_dict(), "state_dict after lockstep")
+
+
+def _stepped(cfg_or_make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params, n: int = 2):
+    opt = cfg_or_make(params)
+    closure = raw_closure(opt, params)
+    for _ in range(n):
+        closure()
+        opt.step()
+    return opt
+
+
+def _layout():
+    return [(3, 4), (3,)]
+
+
+OTHER_PAIRS = [(t, s) for t in OPTIM_DB for s in OPTIM_DB if s is not t]
+
+
+@pytest.mark.parametrize(
+    "spec,source", OTHER_PAIRS, ids=[f"{s.name}-into-{t.name}" for t, s in OTHER_PAIRS]
+)
+@pytest.mark.parametrize("tagged", [True, False], ids=["as-saved", "untagged"])
+def test_state_dict_from_other_danlu_optimizer_is_refused(spec: OptimSpec, source: OptimSpec, tagged: bool):
+    cfg = Config(spec, "default", spec.kwargs)
+    opt = _stepped(cfg.make, raw_params(_layout()))
+    foreign = _stepped(lambda ps: source.cls(ps, **source.kwargs), raw_params(_layout(), seed=1)).state_dict()
+    if not tagged:
+        # What a hand-converted checkpoint looks like: only torch's two keys, no danlu class tag.
+        foreign = {"state": foreign["state"], "param_groups": foreign["param_groups"]}
+    before = snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(foreign)
+    assert_unchanged(opt, before)
+
+
+TORCH_OPTIMS = {
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "SGD-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    "torch-Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+}
+
+
+@over_specs
+@pytest.mark.parametrize("source", list(TORCH_OPTIMS), ids=list(TORCH_OPTIMS))
+def test_state_dict_from_torch_optimizer_is_refused(spec: OptimSpec, source: str):
+    cfg = Config(spec, "default", spec.kwargs)
+    opt = _stepped(cfg.make, raw_params(_layout()))
+    foreign = _stepped(TORCH_OPTIMS[source], raw_params(_layout(), seed=1)).state_dict()
+    before = snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(foreign)
+    assert_unchanged(opt, before)
+
+
+def _groups_one(ps):
+    return [{"params": ps}]
+
+
+LAYOUTS = {
+    # same number of params and groups, transposed shapes
+    "other_shapes": ([(3, 4), (3,)], _groups_one, [(4, 3), (4,)], _groups_one),
+    "fewer_params": ([(3, 4), (3,)], _groups_one, [(3, 4)], _groups_one),
+    "more_params": ([(3, 4), (3,)], _groups_one, [(3, 4), (3,), (5,)], _groups_one),
+    "more_groups": ([(3, 4), (3,)], _groups_one, [(3, 4), (3,)], lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]]}]),
+}
+
+
+@over_all
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_state_dict_from_other_layout_is_refused(cfg: Config, layout: str):
+    mine, my_groups, theirs, their_groups = LAYOUTS[layout]
+    opt = _stepped(lambda ps: cfg.make(my_groups(ps)), raw_params(mine))
+    foreign = _stepped(lambda ps: cfg.make(their_groups(ps)), raw_params(theirs, seed=1)).state_dict()
+    before = snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(foreign)
+    assert_unchanged(opt, before)
+
+
+# --- param groups and lr schedulers ---------------------------------------------------------------
+
+
+@over_all
+def test_tiny_lr_group_does_not_move(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make([{"params": list(model[0].parameters()), "lr": 1e-28}, {"params": list(model[2].parameters())}])
+    frozen, moving = params_of(model[0]), params_of(model[2])
+    train(cfg, model, opt, X, y, 5)
+    assert_bitwise(frozen, params_of(model[0]), "params of the lr=1e-28 group")
+    for a, b in zip(moving, params_of(model[2])):
+        assert not torch.equal(a, b), "the other group did not move"
+
+
+@over_all
+def test_scheduler_zero_lr_stops_movement(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch < 3 else 0.0)
+    start = params_of(model)
+    train(cfg, model, opt, X, y, 3, sched)
+    assert opt.param_groups[0]["lr"] == 0.0
+    moved = params_of(model)
+    assert not all(torch.equal(a, b) for a, b in zip(start, moved))
+    train(cfg, model, opt, X, y, 4, sched)
+    assert_bitwise(moved, params_of(model), "params after the scheduler set lr to 0")
+
+
+@over_all
+def test_scheduler_change_takes_effect(cfg: Config):
+    model, X, y = mlp_problem()
+    model2 = copy.deepcopy(model)
+    opt, opt2 = cfg.make(model.parameters()), cfg.make(model2.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    lr0 = opt2.param_groups[0]["lr"]
+    for _ in range(2):
+        train(cfg, model, opt, X, y, 1)
+        train(cfg, model2, opt2, X, y, 1, sched)
+        assert_bitwise(params_of(model), params_of(model2))
+    assert opt2.param_groups[0]["lr"] == 0.5 * lr0
+    train(cfg, model, opt, X, y, 1)
+    train(cfg, model2, opt2, X, y, 1, sched)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(model), params_of(model2))), "halving lr changed nothing"
+
+
+def test_adafactor_relative_step_equals_lr_1e_2_early():
+    """lr=None is ρ_t = min(1e-2, 1/√t): for t ≤ 10⁴ it is exactly the absolute lr 1e-2."""
+    model, X, y = mlp_problem()
+    model2 = copy.deepcopy(model)
+    spec = spec_by_name("Adafactor")
+    cfg = Config(spec, "default", spec.kwargs)
+    opt = danlu.Adafactor(model.parameters(), lr=None)
+    opt2 = danlu.Adafactor(model2.parameters(), lr=1e-2)
+    for _ in range(5):
+        train(cfg, model, opt, X, y, 1)
+        train(cfg, model2, opt2, X, y, 1)
+        assert_bitwise(params_of(model), params_of(model2))
+    assert opt.param_groups[0]["lr"] is None
+
+
+def test_adafactor_relative_step_decays_as_inverse_sqrt_t():
+    """At t = 40000 the relative step is 1/√t = 5e-3 (below the 1e-2 cap), i.e. the absolute lr 5e-3."""
+
+    def run(second_lr):
+        ps = raw_params([(5,), (3, 4)])
+        opt = danlu.Adafactor(ps, lr=None)
+        closure = raw_closure(opt, ps)
+        closure()
+        opt.step()
+        for p in ps:
+            opt.state[p]["step"].fill_(39_999)
+        opt.param_groups[0]["lr"] = second_lr
+        closure()
+        opt.step()
+        return [p.detach() for p in ps]
+
+    relative, absolute, capped = run(None), run(5e-3), run(1e-2)
+    for a, b in zip(relative, absolute):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert not torch.allclose(relative[0], capped[0], rtol=0, atol=1e-7)
+
+
+# --- params without gradients, odd shapes, dtypes ----------------------------------------------------
+
+
+@over_all
+def test_params_without_grad_untouched_and_stateless(cfg: Config):
+    used, never, later_none = raw_params([(3, 4), (5,), (4,)])
+    opt = cfg.make([used, never, later_none])
+    never0 = never.detach().clone()
+
+    def closure(with_later: bool):
+        opt.zero_grad(set_to_none=True)
+        loss = ((used - 0.3) ** 2).sum() + 0.1 * (used**4).sum()
+        if with_later:
+            loss = loss + ((later_none - 0.3) ** 2).sum()
+        loss.backward()
+        return loss
+
+    closure(True)
+    opt.step()
+    assert never.grad is None
+    after_first = later_none.detach().clone()
+    state_first = copy.deepcopy(dict(opt.state[later_none]))
+    for _ in range(3):
+        closure(False)
+        assert later_none.grad is None
+        opt.step()
+    assert torch.equal(never.detach(), never0), "a param that never had a grad moved"
+    assert never not in opt.state or len(opt.state[never]) == 0, "a param that never had a grad got state"
+    assert torch.equal(later_none.detach(), after_first), "a param whose grad is None moved"
+    assert_same_tree(state_first, dict(opt.state[later_none]), "state of a param whose grad is None")
+
+
+@over_all
+def test_zero_size_and_scalar_params(cfg: Config):
+    w, empty_rows, empty_cols, empty1d, scalar = params = raw_params([(4, 3), (0, 3), (3, 0), (0,), ()])
+    opt = cfg.make(params)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = ((w - 0.3) ** 2).sum() + (scalar - 0.3) ** 2 + sum((p**2).sum() for p in (empty_rows, empty_cols, empty1d))
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        do_step(cfg, opt, closure)
+    for p in params:
+        assert torch.isfinite(p).all()
+        for k, v in opt.state[p].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.isfinite(v).all(), f"state {k!r} of a {tuple(p.shape)} param is not finite"
+    assert len(opt.state[empty_rows]) > 0, "a zero-size param with a gradient gets state like any other"
+
+
+@over_all
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_dtypes_kept_and_finite(cfg: Config, dtype: torch.dtype):
+    params = raw_params([(6, 5), (5,)], dtype=dtype)
+    opt = cfg.make(params)
+    closure = raw_closure(opt, params)
+    start = [p.detach().clone() for p in params]
+    for _ in range(5):
+        do_step(cfg, opt, closure)
+    for p, p0 in zip(params, start):
+        assert p.dtype == dtype
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, p0), "param did not move"
+        state = opt.state[p]
+        assert len(state) > 0
+        for k, v in state.items():
+            if k == "step" or not isinstance(v, torch.Tensor):
+                continue
+            assert v.dtype == dtype, f"state {k!r} is {v.dtype}, param is {dtype}"
+            assert torch.isfinite(v).all(), f"state {k!r} is not finite"
+
+
+# --- determinism, copies ---------------------------------------------------------------------------
+
+
+@over_all
+def test_determinism(cfg: Config):
+    results = []
+    for _ in range(2):
+        model, X, y = mlp_problem()
+        opt = cfg.make(model.parameters())
+        train(cfg, model, opt, X, y, 10)
+        results.append(params_of(model))
+    assert_bitwise(results[0], results[1])
+
+
+@over_all
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_continue_identically(cfg: Config, how: str):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    train(cfg, model, opt, X, y, 3)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert type(opt2) is type(opt)
+    # The copy's state is keyed by the copy's params.
+    assert all(p in opt2.state for p in model2.parameters())
+    assert_same_tree(opt.state_dict(), opt2.state_dict())
+    for _ in range(4):
+        train(cfg, model, opt, X, y, 1)
+        train(cfg, model2, opt2, X, y, 1)
+        assert_bitwise(params_of(model), params_of(model2))
+
+
+# --- failure modes ---------------------------------------------------------------------------------
+
+
+@over_all
+@pytest.mark.parametrize("warmup", [0, 3], ids=["first-step", "after-3-steps"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
+def test_nonfinite_grad_shows_in_params(cfg: Config, warmup: int, bad: float):
+    """Contract: a non-finite gradient entry makes (at least) that parameter entry non-finite."""
+    w, b = params = raw_params([(4, 5), (5,)])
+    opt = cfg.make(params)
+    closure = raw_closure(opt, params)
+    for _ in range(warmup):
+        closure()
+        opt.step()
+    closure()
+    w.grad[1, 2] = bad
+    b.grad[3] = bad
+    opt.step()
+    assert not torch.isfinite(w[1, 2]), f"w[1, 2] = {w[1, 2].item()} after a {bad} gradient entry"
+    assert not torch.isfinite(b[3]), f"b[3] = {b[3].item()} after a {bad} gradient entry"
+
+
+@over_specs
+def test_sparse_grad_raises_and_changes_nothing(spec: OptimSpec):
+    torch.manual_seed(0)
+    dense = nn.Linear(4, 4)
+    emb = nn.Embedding(10, 4, sparse=True)
+    params = list(dense.parameters()) + list(emb.parameters())
+    opt = spec.cls(params, **spec.kwargs)
+    before = params_of(params)
+    loss = dense(emb(torch.tensor([1, 2, 5]))).pow(2).sum()
+    loss.backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match=r"(?i)sparse"):
+        opt.step()
+    assert_bitwise(before, params_of(params), "params after a refused sparse step")
+    assert all(len(opt.state.get(p, {})) == 0 for p in params), "a refused step created state"
+
+
+# --- closure, schedulers, zero_grad ----------------------------------------------------------------
+
+
+@over_base
+def test_step_with_closure_returns_loss_with_grad_enabled(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    seen = []
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(X), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        out = opt.step(closure)
+    assert seen and all(seen), "the closure must run with grad enabled"
+    assert isinstance(out, torch.Tensor) and out.requires_grad, "step must return the closure's loss"
+    initial_model = mlp_problem()[0]
+    assert torch.equal(out.detach(), F.mse_loss(initial_model(X), y).detach())
+    sentinel = torch.tensor(123.0)
+    assert opt.step(lambda: sentinel) is sentinel
+    if not cfg.spec.requires_closure:
+        assert opt.step() is None
+
+
+@over_base
+def test_with_lr_scheduler_and_zero_grad_set_to_none(cfg: Config):
+    model, X, y = mlp_problem()
+    opt = cfg.make(model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    lrs = []
+    for _ in range(20):
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())
+        loss = F.mse_loss(model(X), y)
+        loss.backward()
+        if cfg.spec.requires_closure:
+            opt.step(mlp_closure(model, opt, X, y))
+        else:
+            opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[-1] < lrs[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
