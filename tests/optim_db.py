@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
+
 import danlu
 
 __all__ = ["Bad", "OptimSpec", "Config", "OPTIM_DB", "configs", "spec_by_name"]
@@ -76,6 +78,7 @@ def _lr_weight_decay_cases(wd_name: str = "weight_decay") -> list[Bad]:
         Bad({"lr": -1e-3}, ValueError, r"^Invalid lr: -0\.001 \(expected a number in \[0, inf\]\)$"),
         Bad({"lr": float("nan")}, ValueError, r"^Invalid lr: nan \(expected a finite number"),
         Bad({"lr": "1e-3"}, TypeError, r"^Invalid lr: '1e-3' \(expected a real number\)$"),
+        Bad({"lr": torch.tensor(1e-3)}, TypeError, r"^Invalid lr: tensor\(0\.0010\) \(expected a Python number; tensor"),
         Bad({wd_name: -0.1}, ValueError, rf"^Invalid {wd_name}: -0\.1 \(expected a number in \[0, inf\]\)$"),
         Bad({"foo": 1}, TypeError, r"unexpected keyword argument 'foo'", in_group=False),
     ]

@@ -677,3 +677,22 @@ def test_with_lr_scheduler_and_zero_grad_set_to_none(cfg: Config):
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[-1] < lrs[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cfg", [c for c in configs() if c.variant == "default"], ids=lambda c: c.id)
+def test_state_dict_with_invalid_hyperparameter_is_refused(cfg):
+    """A saved group whose hyperparameters fail validation is refused before anything changes."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cfg.make([p])
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = -1.0
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0 is invalid: Invalid lr: -1\.0"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, v in before["state"][0].items():
+        assert torch.equal(after["state"][0][k], v)

@@ -149,6 +149,10 @@ class DanluOptimizer(torch.optim.Optimizer):
                     "have; the state dict was saved by a different optimizer"
                 )
             merged = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._validate_group(dict(merged), mine["params"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{me}.load_state_dict: param group {i} is invalid: {err}") from err
             for pid, p in zip(saved["params"], mine["params"]):
                 index[pid] = (p, merged)
         for pid, st in sd["state"].items():
