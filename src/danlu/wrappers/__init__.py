@@ -1,0 +1,1 @@
+"""Optimizers that own an inner optimizer: EG step sizes, gradient penalty."""
