@@ -103,20 +103,33 @@ def _beta_cases() -> list[Bad]:
     ]
 
 
+def _accum_cases() -> list[Bad]:
+    return [
+        Bad({"accum_steps": 0}, ValueError, r"^Invalid accum_steps: 0 \(expected a number in \[1, inf\]\)$",
+            in_group=False),
+        Bad({"accum_steps": 2.0}, TypeError, r"^Invalid accum_steps: 2\.0 \(expected an int\)$", in_group=False),
+        Bad({"accum_steps": True}, TypeError, r"^Invalid accum_steps: True ", in_group=False),
+    ]
+
+
 LION = OptimSpec(
     name="Lion",
     cls=danlu.Lion,
     kwargs=dict(lr=3e-3, betas=(0.9, 0.99)),
-    bad=_lr_weight_decay_cases() + _betas_cases(),
-    variants={"weight_decay": dict(weight_decay=0.1)},
+    bad=_lr_weight_decay_cases()
+    + _betas_cases()
+    + _accum_cases()
+    + [Bad({"betas": (0.9, 0.0), "accum_steps": 2}, ValueError, r"^Invalid betas: \(0\.9, 0\.0\) \(expected betas\[1\] > 0",
+           in_group=False)],
+    variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2)},
 )
 
 TIGER = OptimSpec(
     name="Tiger",
     cls=danlu.Tiger,
     kwargs=dict(lr=3e-3, beta=0.9),
-    bad=_lr_weight_decay_cases() + _beta_cases(),
-    variants={"weight_decay": dict(weight_decay=0.1)},
+    bad=_lr_weight_decay_cases() + _beta_cases() + _accum_cases(),
+    variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2, weight_decay=0.1)},
 )
 
 ADAX = OptimSpec(
@@ -214,7 +227,31 @@ AMOS = OptimSpec(
     },
 )
 
-OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAX, AMOS, LION, TIGER]
+SGDM = OptimSpec(
+    name="SGDM",
+    cls=danlu.SGDM,
+    kwargs=dict(lr=0.3, momentum=0.9),
+    bad=_lr_weight_decay_cases()
+    + _accum_cases()
+    + [
+        Bad({"momentum": 1.0}, ValueError, r"^Invalid momentum: 1\.0 \(expected a number in \[0, 1\)\)$"),
+        Bad({"momentum": -0.1}, ValueError, r"^Invalid momentum: -0\.1 "),
+    ],
+    variants={"weight_decay": dict(weight_decay=1e-2), "accum": dict(accum_steps=2)},
+)
+
+ADAMW = OptimSpec(
+    name="AdamW",
+    cls=danlu.AdamW,
+    kwargs=dict(lr=1e-2),
+    bad=_lr_weight_decay_cases()
+    + _betas_cases()
+    + _accum_cases()
+    + [Bad({"eps": -1e-8}, ValueError, r"^Invalid eps: -1e-08 \(expected a number in \[0, inf\]\)$")],
+    variants={"no_decay": dict(weight_decay=0.0), "accum": dict(accum_steps=3)},
+)
+
+OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, LION, SGDM, TIGER]
 
 
 def spec_by_name(name: str) -> OptimSpec:

@@ -106,12 +106,21 @@ def raw_closure(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Calla
     return closure
 
 
+def micro_steps(opt: torch.optim.Optimizer) -> int:
+    """Calls of ``step()`` per parameter update: ``accum_steps`` for accumulating optimizers, else 1."""
+    return getattr(opt, "accum_steps", 1)
+
+
 def do_step(cfg: Config | OptimSpec, opt: torch.optim.Optimizer, closure: Callable) -> Any:
+    """One parameter update: ``micro_steps(opt)`` calls of ``step`` (the last one moves θ)."""
     spec = cfg.spec if isinstance(cfg, Config) else cfg
-    if spec.requires_closure:
-        return opt.step(closure)
-    loss = closure()
-    opt.step()
+    for _ in range(micro_steps(opt)):
+        if spec.requires_closure:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+    assert getattr(opt, "is_update_step", True), "the last micro-step of a window did not update"
     return loss
 
 
@@ -336,6 +345,10 @@ def _layout():
 
 
 OTHER_PAIRS = [(t, s) for t in OPTIM_DB for s in OPTIM_DB if s is not t]
+# AdaX and AdamW have the same hyperparameter keys (lr, betas, eps, weight_decay) and the same state
+# (step, exp_avg, exp_avg_sq, all param-shaped): without the class tag nothing tells their state dicts
+# apart, so only the tagged case can be refused (documented in DanluOptimizer.load_state_dict).
+_SAME_SCHEMA = {frozenset({"AdaX", "AdamW"})}
 
 
 @pytest.mark.parametrize(
@@ -346,6 +359,8 @@ def test_state_dict_from_other_danlu_optimizer_is_refused(spec: OptimSpec, sourc
     cfg = Config(spec, "default", spec.kwargs)
     opt = _stepped(cfg.make, raw_params(_layout()))
     foreign = _stepped(lambda ps: source.cls(ps, **source.kwargs), raw_params(_layout(), seed=1)).state_dict()
+    if not tagged and frozenset({spec.name, source.name}) in _SAME_SCHEMA:
+        pytest.skip("same hyperparameter and state schema: indistinguishable without the class tag")
     if not tagged:
         # What a hand-converted checkpoint looks like: only torch's two keys, no danlu class tag.
         foreign = {"state": foreign["state"], "param_groups": foreign["param_groups"]}
@@ -499,12 +514,13 @@ def test_params_without_grad_untouched_and_stateless(cfg: Config):
         loss.backward()
         return loss
 
-    closure(True)
-    opt.step()
+    for _ in range(micro_steps(opt)):
+        closure(True)
+        opt.step()
     assert never.grad is None
     after_first = later_none.detach().clone()
     state_first = copy.deepcopy(dict(opt.state[later_none]))
-    for _ in range(3):
+    for _ in range(3 * micro_steps(opt)):
         closure(False)
         assert later_none.grad is None
         opt.step()
@@ -602,13 +618,17 @@ def test_nonfinite_grad_shows_in_params(cfg: Config, warmup: int, bad: float):
     w, b = params = raw_params([(4, 5), (5,)])
     opt = cfg.make(params)
     closure = raw_closure(opt, params)
-    for _ in range(warmup):
+    for _ in range(warmup * micro_steps(opt)):
         closure()
         opt.step()
+    # The bad entry arrives on the first micro-step of a window (the only one when not accumulating).
     closure()
     w.grad[1, 2] = bad
     b.grad[3] = bad
     opt.step()
+    for _ in range(micro_steps(opt) - 1):
+        closure()
+        opt.step()
     assert not torch.isfinite(w[1, 2]), f"w[1, 2] = {w[1, 2].item()} after a {bad} gradient entry"
     assert not torch.isfinite(b[3]), f"b[3] = {b[3].item()} after a {bad} gradient entry"
 

@@ -5,9 +5,11 @@ and Su's hyperparameter recipes (AdamW → Lion, scale-aware lr and weight decay
 """
 
 from .optim.adafactor import Adafactor
+from .optim.adamw import AdamW
 from .optim.adax import AdaX
 from .optim.amos import Amos, amos_groups
 from .optim.lion import Lion, Tiger
+from .optim.sgdm import SGDM
 from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
 
 __version__ = "0.1.0"
@@ -15,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = sorted(
     [
         "AdaX",
+        "AdamW",
         "Adafactor",
         "Amos",
         "Lion",
+        "SGDM",
         "ScaleAwareSchedule",
         "Tiger",
         "amos_groups",

@@ -109,12 +109,16 @@ class DanluOptimizer(torch.optim.Optimizer):
 
         Refuses (``ValueError``), before changing anything, a state dict from another optimizer class
         (tagged by :meth:`state_dict`; an untagged one, e.g. rebuilt by a checkpointing tool, must not
-        carry hyperparameters this optimizer lacks), with missing hyperparameter keys, another number of groups or parameters per group, or state
-        entries whose names or shapes do not fit the parameters.
+        carry hyperparameters this optimizer lacks), with missing hyperparameter keys, another number
+        of groups or parameters per group, or state entries whose names or shapes do not fit the
+        parameters.
         """
         self._check_state_dict(state_dict)
-        state_dict = {k: v for k, v in state_dict.items() if k != _TAG}
-        super().load_state_dict(state_dict)
+        self._load_extra(state_dict)
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        """Restore what a subclass's ``state_dict`` adds beside ``state``/``param_groups`` (checked)."""
 
     def _check_state_dict(self, sd: Any) -> None:
         me = type(self).__name__

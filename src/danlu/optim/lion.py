@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from .._core.accumulate import AccumulatingOptimizer
 from .._core.numerics import decoupled_decay_, propagate_nonfinite_
-from .._core.optimizer import DanluOptimizer, ParamsT
+from .._core.optimizer import ParamsT
 from .._core.validate import check_betas, check_number
 
 __all__ = ["Lion", "Tiger", "lion_update"]
@@ -27,14 +28,52 @@ def lion_update(
 
     c = β1·m + (1−β1)·g;  θ ← θ·(1 − η·λ) − η·sign(c);  m ← β2·m + (1−β2)·g
     """
-    c = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1)
-    update = propagate_nonfinite_(torch.sign(c), c)
-    decoupled_decay_(param, lr, weight_decay)
-    param.add_(update, alpha=-lr)
+    sign_step_(param, exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1), lr=lr, weight_decay=weight_decay)
     exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
 
 
-class Lion(DanluOptimizer):
+def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float, weight_decay: float) -> None:
+    """θ ← θ·(1 − η·λ) − η·sign(c), with NaN wherever c is not finite."""
+    update = propagate_nonfinite_(torch.sign(c), c)
+    decoupled_decay_(param, lr, weight_decay)
+    param.add_(update, alpha=-lr)
+
+
+class _SignMomentum(AccumulatingOptimizer):
+    """Accumulation for Lion/Tiger: the window's micro-gradients are folded into m with β2."""
+
+    def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._init_accum_state(state)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = self._betas(group)
+        lion_update(p, grad, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"])
+
+    def _absorb(self, p, grad, state, group, first) -> None:  # type: ignore[no-untyped-def]
+        beta2 = self._betas(group)[1]
+        m = state["exp_avg"]
+        if first:
+            m.mul_(beta2)
+        m.add_(grad, alpha=(1.0 - beta2) / self.accum_steps)
+
+    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+        beta1, beta2 = self._betas(group)
+        m = state["exp_avg"]  # = β2·m_old + (1−β2)·ḡ after the window
+        if beta1 == beta2 or grad is None:
+            c = m
+        else:
+            # c = β1·m_old + (1−β1)·ḡ = (β1/β2)·m + ((β2−β1)/β2)·ḡ; ḡ (the window mean) is not stored,
+            # so the last micro-gradient stands in for it: exact for k = 1, approximate otherwise.
+            c = m.mul(beta1 / beta2).add_(grad, alpha=(beta2 - beta1) / beta2)
+        sign_step_(p, c, lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+class Lion(_SignMomentum):
     r"""Lion: sign of an interpolated momentum, with decoupled weight decay.
 
     For each parameter θ with gradient g_t (t ≥ 1, m_0 = 0)::
@@ -53,6 +92,11 @@ class Lion(DanluOptimizer):
             see :func:`danlu.lion_from_adamw`.
         betas: (β1, β2) (default (0.9, 0.99)); the paper uses (0.95, 0.98) for language models.
         weight_decay: λ, decoupled and multiplied by lr (default 0).
+        accum_steps: k ≥ 1 micro-batches per update, folded into m (default 1 = plain Lion). Each
+            micro-gradient enters m with weight (1−β2)/k and m decays by β2 once per window; on the k-th
+            micro-step c = (β1/β2)·m + ((β2−β1)/β2)·g_k. This is exact for k = 1 and for β1 = β2 (Tiger),
+            and **approximate** otherwise: the exact c needs the window-mean gradient ḡ, which is not
+            stored, so the last micro-gradient g_k stands in for it (requires β2 > 0).
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
@@ -71,25 +115,25 @@ class Lion(DanluOptimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        accum_steps: int = 1,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         check_number("lr", group["lr"], low=0.0)
-        group["betas"] = check_betas("betas", group["betas"])
+        beta1, beta2 = group["betas"] = check_betas("betas", group["betas"])
+        if self.accum_steps > 1 and beta2 == 0.0 and beta1 != beta2:
+            raise ValueError(
+                f"Invalid betas: {group['betas']!r} (expected betas[1] > 0 with accum_steps > 1: the momentum "
+                "must carry the window's gradients)"
+            )
         check_number("weight_decay", group["weight_decay"], low=0.0)
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lion_update(
-            p, grad, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]
-        )
+    def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        return group["betas"]
 
 
-class Tiger(DanluOptimizer):
+class Tiger(_SignMomentum):
     r"""Tiger (Tight-fisted optimizer): Lion with β1 = β2 = β, i.e. the sign of an EMA of gradients.
 
     For each parameter (m_0 = 0)::
@@ -106,6 +150,11 @@ class Tiger(DanluOptimizer):
         lr: η (required; Su's scale-aware recipe, :func:`danlu.scale_aware_groups`, sets it per tensor).
         beta: β (default 0.965).
         weight_decay: λ, decoupled and multiplied by lr (default 0).
+        accum_steps: k ≥ 1 micro-batches per update, folded into m (default 1). m decays by β once per
+            window and absorbs each micro-gradient with weight (1−β)/k; θ moves on the k-th call. This is
+            **exact**: k micro-batches equal one step on the k-times-larger batch, to rounding (equal
+            micro-batch sizes, mean-reduced loss, no batch-coupled layers). Cost: no gradient buffer;
+            :meth:`fuse_into_backward` also frees each ``.grad`` as soon as it is folded in.
 
     References:
         Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
@@ -117,16 +166,15 @@ class Tiger(DanluOptimizer):
         affected parameter entries NaN (see :class:`Lion`).
     """
 
-    def __init__(self, params: ParamsT, lr: float, beta: float = 0.965, weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+    def __init__(
+        self, params: ParamsT, lr: float, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1
+    ) -> None:
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay), accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         check_number("lr", group["lr"], low=0.0)
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)
 
-    _init_state = Lion._init_state
-
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        beta = group["beta"]
-        lion_update(p, grad, state["exp_avg"], lr=group["lr"], beta1=beta, beta2=beta, weight_decay=group["weight_decay"])
+    def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        return group["beta"], group["beta"]

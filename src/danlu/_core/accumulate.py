@@ -1,0 +1,190 @@
+"""Gradient accumulation folded into the optimizer state (Su, kexue.fm/archives/8634).
+
+Accumulating k micro-batches for a momentum optimizer m ← β·m + (1−β)·g needs no gradient buffer:
+split the window's update over its micro-steps,
+
+    m_t = [(β − 1)·χ_{(t−1)/k} + 1]·m_{t−1} + ((1 − β)/k)·g_t      # decay by β on the window's first
+    θ_t = θ_{t−1} − χ_{t/k}·α·m_t                                  # micro-step only; move on the k-th
+
+(χ_{x} = 1 when x is an integer). After k micro-steps m equals one EMA step on the mean gradient of
+the k micro-batches, so for optimizers whose update depends on the gradients only through m (SGDM,
+Tiger) this is exactly the k-times-larger batch.
+
+:class:`AccumulatingOptimizer` implements the bookkeeping once: the window position, which parameters
+have absorbed gradients in the current window, the update-count-based state, ``is_update_step``, the
+state-dict entry, and the opt-in backward hooks that fold each gradient into the state as soon as it
+is produced and free ``.grad``. Subclasses provide ``_absorb`` (fold one micro-gradient) and ``_apply``
+(move θ at the end of a window); ``_update`` is the plain one-step kernel used when ``accum_steps=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .optimizer import DanluOptimizer, ParamsT
+from .validate import check_number
+
+__all__ = ["AccumulatingOptimizer", "FusedBackwardHandle"]
+
+_ACCUM = "danlu_accumulation"
+
+
+class FusedBackwardHandle:
+    """Returned by :meth:`AccumulatingOptimizer.fuse_into_backward`; ``remove()`` takes the hooks off."""
+
+    def __init__(self, optimizer: AccumulatingOptimizer, handles: list[Any]) -> None:
+        self._optimizer = optimizer
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._optimizer._fused = False
+
+    def __enter__(self) -> FusedBackwardHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+class AccumulatingOptimizer(DanluOptimizer):
+    """A :class:`DanluOptimizer` whose state can absorb ``accum_steps`` micro-gradients per update."""
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], accum_steps: int = 1) -> None:
+        check_number("accum_steps", accum_steps, low=1, integer=True)
+        self.accum_steps = int(accum_steps)
+        self._micro_step = 0
+        self._fused = False
+        self.is_update_step = False
+        super().__init__(params, defaults)
+
+    # --- subclass hooks ------------------------------------------------------------------------
+    def _absorb(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                first: bool) -> None:
+        """Fold one micro-gradient into the state; ``first``: decay the state (window's first micro-step)."""
+        raise NotImplementedError
+
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
+               group: dict[str, Any]) -> None:
+        """Move θ from the state at the end of a window; ``grad`` is the window's last micro-gradient
+        for this parameter, or ``None`` if it had none at that micro-step."""
+        raise NotImplementedError
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self._absorb(p, grad, state, group, True)
+        self._apply(p, grad, state, group)
+
+    def _init_accum_state(self, state: dict[str, Any]) -> None:
+        """Call from ``_init_state``: the window a parameter last absorbed into (−1: nothing pending)."""
+        if self.accum_steps > 1:
+            state["window"] = -1
+
+    # --- the micro-step machinery --------------------------------------------------------------
+    def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int) -> None:
+        """Absorb ``grad`` at micro-step ``t`` (1-based) and, on the window's last micro-step, move θ."""
+        state = self.state[p]
+        if len(state) == 0:
+            self._init_state(p, group, state)
+        if p.numel() == 0:
+            return
+        k = self.accum_steps
+        if k == 1:
+            self._update(p, grad, state, group)
+            return
+        window = (t - 1) // k
+        self._absorb(p, grad, state, group, state["window"] != window)
+        state["window"] = window
+        if t % k == 0:
+            self._apply(p, grad, state, group)
+            state["window"] = -1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Absorb this micro-batch's gradients; every ``accum_steps``-th call also moves θ.
+
+        Call it after every micro-batch's backward (with ``zero_grad`` between micro-batches), and step
+        an lr scheduler only when :attr:`is_update_step` is true: schedules and bias corrections count
+        updates, not micro-steps.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._check_grads()
+        t = self._micro_step + 1
+        for p, group in work:
+            self._fold(p, p.grad, group, t)
+        update = t % self.accum_steps == 0
+        if update and self.accum_steps > 1:
+            # Parameters that absorbed gradients earlier in the window but had none now still move.
+            window = (t - 1) // self.accum_steps
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and state.get("window") == window:
+                        self._apply(p, None, state, group)
+                        state["window"] = -1
+        self._micro_step = t if self.accum_steps > 1 else 0
+        self.is_update_step = update
+        return loss
+
+    def fuse_into_backward(self) -> FusedBackwardHandle:
+        """Fold each gradient into the state as soon as backward has accumulated it, then free ``.grad``.
+
+        Registers a post-accumulate-grad hook on every parameter. During ``loss.backward()`` each
+        parameter's gradient is absorbed (and, on a window's last micro-step, θ moves) the moment it is
+        complete, and ``.grad`` is set to ``None``, so gradients never exist for all parameters at once:
+        memory is parameters + optimizer state + one gradient. Call :meth:`step` after every backward
+        as usual (it then only advances the micro-step counter); don't clip or inspect ``.grad``, which
+        is gone. Returns a handle whose ``remove()`` (or ``with`` block exit) takes the hooks off; hooks
+        are not carried by ``deepcopy``, ``pickle`` or ``state_dict``.
+        """
+        if self._fused:
+            raise RuntimeError(f"{type(self).__name__}.fuse_into_backward() is already active")
+        handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+        self._fused = True
+        return FusedBackwardHandle(self, handles)
+
+    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None:
+                return
+            if p.grad.is_sparse or p.grad.is_complex():
+                raise RuntimeError(f"{type(self).__name__} does not support sparse or complex gradients")
+            with torch.no_grad():
+                self._fold(p, p.grad, group, self._micro_step + 1)
+            p.grad = None
+
+        return hook
+
+    # --- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[_ACCUM] = {"accum_steps": self.accum_steps, "micro_step": self._micro_step}
+        return sd
+
+    def _check_state_dict(self, sd: Any) -> None:
+        saved = sd.get(_ACCUM) if isinstance(sd, dict) else None
+        if saved is not None and saved.get("accum_steps") != self.accum_steps:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state dict was saved with accum_steps="
+                f"{saved.get('accum_steps')!r}, this optimizer has accum_steps={self.accum_steps}"
+            )
+        super()._check_state_dict(sd)
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        self._micro_step = int(state_dict.get(_ACCUM, {}).get("micro_step", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(accum_steps=self.accum_steps, _micro_step=self._micro_step, _fused=False,
+                     is_update_step=self.is_update_step)
+        return state
