@@ -716,3 +716,19 @@ def test_state_dict_with_invalid_hyperparameter_is_refused(cfg):
     assert after["param_groups"] == before["param_groups"]
     for k, v in before["state"][0].items():
         assert torch.equal(after["state"][0][k], v)
+
+
+@pytest.mark.parametrize("cfg", [c for c in configs() if c.variant == "default"], ids=lambda c: c.id)
+def test_deepcopied_optimizer_loads_a_saved_state_dict(cfg):
+    """torch's __setstate__ adds ``differentiable`` to ``defaults``; that must not make a copy refuse
+    state dicts saved by an optimizer that was never copied."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cfg.make([p])
+    for _ in range(micro_steps(opt)):
+        p.grad = torch.randn(4, 3)
+        opt.step()
+    saved = opt.state_dict()
+    clone = copy.deepcopy(opt)
+    clone.load_state_dict(saved)
+    assert_same_tree(clone.state_dict()["state"], saved["state"])

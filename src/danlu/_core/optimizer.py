@@ -22,8 +22,9 @@ __all__ = ["DanluOptimizer", "ParamsT"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 _TAG = "danlu_optimizer"
-# Group keys that torch itself may add to a group (lr schedulers, named parameters).
-_GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names"})
+# Keys that torch itself may add to a group or to ``defaults`` (lr schedulers, named parameters,
+# and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
+_GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 
 
 class DanluOptimizer(torch.optim.Optimizer):
@@ -140,7 +141,7 @@ class DanluOptimizer(torch.optim.Optimizer):
                     f"{me}.load_state_dict: param group {i} holds {len(saved['params'])} parameters in the "
                     f"state dict and {len(mine['params'])} in the optimizer"
                 )
-            missing = sorted(set(self.defaults) - set(saved))
+            missing = sorted(set(self.defaults) - set(saved) - _GROUP_BOOKKEEPING)
             if missing:
                 raise ValueError(
                     f"{me}.load_state_dict: param group {i} lacks hyperparameters {missing}; "

@@ -86,7 +86,10 @@ class GradientPenalty(OptimizerWrapper):
     ``training_step`` runs (and logs) twice, dropout draws new masks for the second pass unless the
     closure fixes the RNG, and BatchNorm in train mode updates its running statistics twice. Fp16
     AMP through ``GradScaler`` calls ``step()`` without a closure and is not supported (bf16 autocast
-    is). The inner optimizer must step from ``.grad`` alone (``torch.optim.LBFGS`` is refused).
+    is). The inner optimizer must step from ``.grad`` alone (``torch.optim.LBFGS`` is refused), and
+    must not have ``fuse_into_backward()`` hooks active (``step`` raises ``RuntimeError``); momentum
+    accumulation (``accum_steps=k``) works, each micro-step absorbing a penalised gradient; read
+    ``wrapper.optimizer.is_update_step``.
 
     Parameters whose gradient is ``None`` after the first pass are not perturbed and are left with
     ``.grad = None``, so the inner optimizer skips them.
@@ -189,6 +192,13 @@ class GradientPenalty(OptimizerWrapper):
             raise TypeError(
                 "GradientPenalty.step needs a closure that re-evaluates the model and returns the loss, "
                 f"e.g. opt.step(lambda: loss_fn(model(x), y)); got {closure!r}"
+            )
+        if getattr(self.optimizer, "_fused", False):
+            # Backward hooks would fold the first pass's gradient into the inner state (and free
+            # .grad) before the wrapper could replace it by the penalised one.
+            raise RuntimeError(
+                "GradientPenalty cannot wrap an optimizer whose fuse_into_backward() hooks are active; "
+                "remove them (handle.remove()) first"
             )
         params = self._trainable()
         if self._strength == 0.0:
