@@ -5,23 +5,30 @@ Each :class:`OptimSpec` says how to build the optimizer so that it trains a smal
 on as well (``variants``) and which battery tests do not apply (``skips``, always with a reason).
 
 Adding an optimizer to ``danlu.__all__`` without an entry here fails
-``test_battery.py::test_every_exported_optimizer_is_enrolled``.
+``test_battery.py::test_every_exported_optimizer_is_enrolled``. A wrapper (a subclass of
+``danlu._core.wrapper.OptimizerWrapper``) has one entry per inner optimizer, named
+``"<Wrapper>[<inner>]"``, at least one for each of :data:`WRAPPER_INNERS`; its ``factory`` builds the
+inner optimizer from the params and the keys of ``kwargs`` that are not the wrapper's, then wraps it.
 
 Skip keys are a battery test's function name (skips it for every variant of the spec) or
-``"<test name>/<variant>"`` (skips it for that variant only; the base settings are variant ``"default"``).
-``test_battery.py::test_skip_keys_name_real_tests`` checks that every key names a real test and variant.
+``"<test name>/<variant>"`` (skips it for that variant only; the base settings are variant ``"default"``),
+either optionally followed by ``"@<value>"``: only where another parameter of the test is that string
+(e.g. a layout) or the spec of that name (e.g. the source of a foreign state dict).
+``test_battery.py::test_skip_keys_name_real_tests`` checks that every key names a real test, variant
+and value.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
 import danlu
 
-__all__ = ["Bad", "OptimSpec", "Config", "OPTIM_DB", "configs", "spec_by_name"]
+__all__ = ["Bad", "OptimSpec", "Config", "OPTIM_DB", "WRAPPER_INNERS", "configs", "spec_by_name"]
 
 
 class Bad(NamedTuple):
@@ -51,6 +58,24 @@ class OptimSpec:
     requires_closure: bool = False
     # Final loss must be below this fraction of the initial loss on the battery's MLP regression.
     loss_ratio: float = 0.3
+    # How to build it: ``factory(params, **kwargs)``; None means ``cls(params, **kwargs)``. Every
+    # construction in the battery goes through :meth:`build`.
+    factory: Callable[..., torch.optim.Optimizer] | None = None
+    # For a wrapper: the class of the inner optimizer its factory builds.
+    inner: type | None = None
+    # State entries of ``cls`` kept in float32 for 16-bit params by design (documented); the rest of
+    # the state must have the param's dtype.
+    acc_state: frozenset[str] = frozenset()
+
+    def build(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return (self.factory or self.cls)(params, **kwargs)
+
+    def skip_reason(self, test_name: str, variant: str = "default", values: Iterable[str] = ()) -> str | None:
+        """The reason to skip ``test_name`` for ``variant`` where the test's other parameters are
+        ``values`` (strings, and the names of specs), or None."""
+        keys = [f"{test_name}/{variant}@{v}" for v in values] + [f"{test_name}@{v}" for v in values]
+        keys += [f"{test_name}/{variant}", test_name]
+        return next((self.skips[k] for k in keys if k in self.skips), None)
 
 
 @dataclass(frozen=True)
@@ -65,12 +90,11 @@ class Config:
     def id(self) -> str:
         return self.spec.name if self.variant == "default" else f"{self.spec.name}-{self.variant}"
 
-    def skip_reason(self, test_name: str) -> str | None:
-        skips = self.spec.skips
-        return skips.get(f"{test_name}/{self.variant}") or skips.get(test_name)
+    def skip_reason(self, test_name: str, values: Iterable[str] = ()) -> str | None:
+        return self.spec.skip_reason(test_name, self.variant, values)
 
     def make(self, params: Any, **overrides: Any):
-        return self.spec.cls(params, **{**self.kwargs, **overrides})
+        return self.spec.build(params, **{**self.kwargs, **overrides})
 
 
 def _lr_weight_decay_cases(wd_name: str = "weight_decay") -> list[Bad]:
@@ -251,7 +275,198 @@ ADAMW = OptimSpec(
     variants={"no_decay": dict(weight_decay=0.0), "accum": dict(accum_steps=3)},
 )
 
-OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, LION, SGDM, TIGER]
+EGD = OptimSpec(
+    name="EGD",
+    cls=danlu.EGD,
+    # The battery's parameters have both signs: EG± (signed=True). Positive/simplex modes: tests/test_eg.py.
+    kwargs=dict(lr=0.3, signed=True),
+    bad=[
+        Bad({"lr": -0.1}, ValueError, r"^Invalid lr: -0\.1 \(expected a number in \[0, inf\]\)$"),
+        Bad({"lr": float("nan")}, ValueError, r"^Invalid lr: nan \(expected a finite number"),
+        Bad({"lr": "0.1"}, TypeError, r"^Invalid lr: '0\.1' \(expected a real number\)$"),
+        Bad({"signed": 1}, TypeError, r"^Invalid signed: 1 \(expected a bool\)$"),
+        Bad({"clamp": 0.0}, ValueError, r"^Invalid clamp: 0\.0 \(expected a number in \(0, inf\]\)$"),
+        Bad({"delta": -1.0}, ValueError, r"^Invalid delta: -1\.0 \(expected a number in \(0, inf\]\)$"),
+        Bad({"simplex_dim": 0}, ValueError, r"^Invalid simplex_dim: 0 \(expected None with signed=True"),
+        Bad({"simplex_dim": 1.0}, TypeError, r"^Invalid simplex_dim: 1\.0 \(expected None or an int\)$"),
+        Bad({"signed": False, "simplex_dim": 2}, ValueError, r"^Invalid simplex_dim: 2 \(dim 2 does not exist in a parameter of shape \(3, 4\)\)$"),
+        Bad({"signed": False}, ValueError, r"^Invalid params\[0\]: shape \(3, 4\), min 0\.0 \(expected every entry > 0"),
+        Bad({"signed": False, "l1_budget": 1.0}, ValueError, r"^Invalid l1_budget: 1\.0 \(expected None with signed=False"),
+        Bad({"weight_decay": 0.1}, TypeError, r"unexpected keyword argument 'weight_decay'", in_group=False),
+        Bad({"foo": 1}, TypeError, r"unexpected keyword argument 'foo'", in_group=False),
+    ],
+    variants={"small_delta": dict(lr=1.0, delta=0.01)},
+)
+
+
+# --- wrappers: one entry per (wrapper, inner optimizer) ----------------------------------------------
+
+# Every wrapper is enrolled with (at least) each of these as its inner optimizer.
+WRAPPER_INNERS: dict[str, type] = {
+    "SGDM": danlu.SGDM,
+    "AdamW": danlu.AdamW,
+    "Lion": danlu.Lion,
+    "torch-SGD": torch.optim.SGD,
+}
+
+# The inner optimizers' settings on the battery's MLP (those of the plain entries above; torch's SGD
+# like SGDM).
+_INNER_KWARGS: dict[str, dict[str, Any]] = {
+    "SGDM": dict(lr=0.3, momentum=0.9),
+    "AdamW": dict(lr=1e-2),
+    "Lion": dict(lr=3e-3, betas=(0.9, 0.99)),
+    "torch-SGD": dict(lr=0.3, momentum=0.9),
+}
+
+
+def _inner_bad(inner: str) -> list[Bad]:
+    """The inner optimizer's errors a wrapper entry checks. ``in_group``: a danlu optimizer validates a
+    group added later (through the wrapper's add_param_group); torch.optim.SGD validates only in __init__."""
+    unknown = Bad({"foo": 1}, TypeError, r"unexpected keyword argument 'foo'", in_group=False)
+    if inner == "torch-SGD":
+        return [Bad({"lr": -1e-3}, ValueError, r"^Invalid learning rate: -0\.001$", in_group=False), unknown]
+    return [
+        Bad({"lr": -1e-3}, ValueError, r"^Invalid lr: -0\.001 \(expected a number in \[0, inf\]\)$"),
+        Bad({"lr": "1e-3"}, TypeError, r"^Invalid lr: '1e-3' \(expected a real number\)$"),
+        unknown,
+    ]
+
+
+def _wrapper_factory(wrapper: type, inner: type) -> Callable[..., torch.optim.Optimizer]:
+    """``factory(params, **kwargs)``: the wrapper's own keywords go to the wrapper, the rest to
+    ``inner(params, ...)``. ``optimizer=x`` wraps ``x`` instead (to check what a wrapper refuses)."""
+    own = [n for n in inspect.signature(wrapper).parameters if n != "optimizer"]
+
+    def factory(params: Any, *, optimizer: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
+        wrapper_kwargs = {k: kwargs.pop(k) for k in own if k in kwargs}
+        if optimizer is None:
+            optimizer = inner(params, **kwargs)
+        return wrapper(optimizer, **wrapper_kwargs)
+
+    return factory
+
+
+def _not_an_optimizer(wrapper: type) -> Bad:
+    # A common slip: passing the optimizer class instead of an instance.
+    return Bad({"optimizer": torch.optim.SGD}, TypeError,
+               rf"^{wrapper.__name__} wraps a torch\.optim\.Optimizer, got type; build the optimizer first",
+               in_group=False)
+
+
+_TORCH_SGD_NO_LOAD_CHECKS = (
+    "torch.optim.SGD.load_state_dict checks only the number of param groups and of params per group: "
+    "as the inner optimizer it takes another optimizer's state dict (and invalid hyperparameters) as is; "
+    "the wrapper's own part is checked, see the other inners"
+)
+
+
+def _wrapper_specs(
+    wrapper: type,
+    wrapper_kwargs: dict[str, Any],
+    bad: list[Bad],
+    *,
+    variants: dict[str, dict[str, dict[str, Any]]] | None = None,
+    skips: dict[str, dict[str, str]] | None = None,
+    **spec_fields: Any,
+) -> list[OptimSpec]:
+    """One spec per inner optimizer in :data:`WRAPPER_INNERS`; ``variants``/``skips`` are keyed by the
+    inner's label. torch.optim.SGD entries get the skips of :data:`_TORCH_SGD_NO_LOAD_CHECKS`."""
+    specs = []
+    for label, inner in WRAPPER_INNERS.items():
+        name = f"{wrapper.__name__}[{label}]"
+        my_skips = dict((skips or {}).get(label, {}))
+        if label == "torch-SGD":
+            my_skips["test_state_dict_with_invalid_hyperparameter_is_refused"] = _TORCH_SGD_NO_LOAD_CHECKS
+            # The same wrapper around another inner: the wrapper's part matches, the inner's is not checked.
+            for other in WRAPPER_INNERS:
+                if other != label:
+                    key = f"test_state_dict_from_other_danlu_optimizer_is_refused@{wrapper.__name__}[{other}]"
+                    my_skips[key] = _TORCH_SGD_NO_LOAD_CHECKS
+        specs.append(OptimSpec(
+            name=name,
+            cls=wrapper,
+            kwargs={**_INNER_KWARGS[label], **wrapper_kwargs},
+            bad=_inner_bad(label) + bad + [_not_an_optimizer(wrapper)],
+            variants=dict((variants or {}).get(label, {})),
+            skips=my_skips,
+            factory=_wrapper_factory(wrapper, inner),
+            inner=inner,
+            **spec_fields,
+        ))
+    return specs
+
+
+EG_STEP_SIZE = _wrapper_specs(
+    danlu.EGStepSize,
+    dict(meta_lr=0.05),
+    [
+        Bad({"meta_lr": -0.1}, ValueError, r"^Invalid meta_lr: -0\.1 \(expected a number in \[0, inf\]\)$", in_group=False),
+        Bad({"meta_lr": "0.1"}, TypeError, r"^Invalid meta_lr: '0\.1' \(expected a real number\)$", in_group=False),
+        Bad({"form": "adam"}, ValueError, r"^Invalid form: 'adam' \(expected one of 'su', 'paper'\)$", in_group=False),
+        Bad({"granularity": "row"}, ValueError,
+            r"^Invalid granularity: 'row' \(expected one of 'coordinate', 'tensor', 'group'\)$", in_group=False),
+        Bad({"granularity": 1}, TypeError, r"^Invalid granularity: 1 \(expected one of 'coordinate'", in_group=False),
+        Bad({"normalize": "l2"}, ValueError, r"^Invalid normalize: 'l2' \(expected one of None, 'cosine'\)$", in_group=False),
+        Bad({"max_exponent": 0.0}, ValueError, r"^Invalid max_exponent: 0\.0 \(expected a number in \(0, inf\]\)$",
+            in_group=False),
+        Bad({"nu_min": 0.0}, ValueError, r"^Invalid nu_min: 0\.0 \(expected a number in \(0, 1\]\)$", in_group=False),
+        Bad({"nu_max": 0.5}, ValueError, r"^Invalid nu_max: 0\.5 \(expected a number in \[1, inf\]\)$", in_group=False),
+        Bad({"scale_min": 2.0}, ValueError, r"^Invalid scale_min: 2\.0 \(expected a number in \(0, 1\]\)$", in_group=False),
+        Bad({"beta": 0.9}, ValueError, r"^Invalid beta: 0\.9 \(expected None with form='su'", in_group=False),
+        Bad({"scale_meta_lr": 0.1}, ValueError, r"^Invalid scale_meta_lr: 0\.1 \(expected None with form='su'",
+            in_group=False),
+        Bad({"form": "paper", "beta": 1.0}, ValueError, r"^Invalid beta: 1\.0 \(expected a number in \[0, 1\)\)$",
+            in_group=False),
+        Bad({"form": "paper", "scale_meta_lr": -1.0}, ValueError,
+            r"^Invalid scale_meta_lr: -1\.0 \(expected a number in \[0, inf\]\)$", in_group=False),
+    ],
+    variants={
+        "SGDM": {
+            "paper": dict(form="paper"),
+            "group_cosine": dict(granularity="group", normalize="cosine"),
+        },
+        "AdamW": {"paper_tensor": dict(form="paper", granularity="tensor")},
+    },
+    # ν is kept in float32 for 16-bit params (EGStepSize docstring: "nu and the per-group scalars").
+    acc_state=frozenset({"nu"}),
+)
+
+GRADIENT_PENALTY = _wrapper_specs(
+    danlu.GradientPenalty,
+    dict(strength=1e-3),
+    [
+        Bad({"strength": -1e-3}, ValueError, r"^Invalid strength: -0\.001 \(expected a number in \[0, inf\]\)$",
+            in_group=False),
+        Bad({"strength": float("nan")}, ValueError, r"^Invalid strength: nan \(expected a finite number", in_group=False),
+        Bad({"strength": "1e-3"}, TypeError, r"^Invalid strength: '1e-3' \(expected a real number\)$", in_group=False),
+        Bad({"method": "exact"}, ValueError,
+            r"^Invalid method: 'exact' \(expected one of 'finite_difference', 'double_backward'\)$", in_group=False),
+        Bad({"method": None}, TypeError, r"^Invalid method: None \(expected one of 'finite_difference'", in_group=False),
+    ],
+    # accum_steps goes to the inner SGDM: each micro-step absorbs a penalised gradient.
+    variants={"SGDM": {"accum": dict(accum_steps=2), "strong": dict(strength=1e-2)}},
+    skips={
+        "torch-SGD": {
+            "test_complex_params_raise_type_error": (
+                "torch.optim.SGD takes complex params and GradientPenalty passes them on (θ + 2λg and the "
+                "second gradient are well defined for a real loss of complex params); EGStepSize[torch-SGD] "
+                "shows the step-time refusal"
+            ),
+            "test_sparse_grad_raises_and_changes_nothing": (
+                "torch.optim.SGD supports sparse gradients and GradientPenalty passes them on (θ + 2λg with a "
+                "sparse g is a dense add); the danlu inners show that a refused step leaves θ bitwise restored"
+            ),
+            "test_state_dict_from_other_layout_is_refused@other_shapes": (
+                "GradientPenalty keeps no state of its own and torch.optim.SGD.load_state_dict does not check "
+                "state shapes: a momentum buffer of transposed shape is taken as is (fewer/more params and "
+                "groups are still refused)"
+            ),
+        },
+    },
+    requires_closure=True,
+)
+
+OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY]
 
 
 def spec_by_name(name: str) -> OptimSpec:

@@ -2,11 +2,17 @@
 
 Parametrised over ``optim_db.configs()``: each spec's base kwargs ("default") and its variants. Skips
 come from the db (``OptimSpec.skips``), always with a reason. Everything runs on CPU with tiny models.
+
+Wrappers (EGStepSize, GradientPenalty) run crossed with several inner optimizers. Their own state is in
+``opt.state``, the inner optimizer's in ``opt.optimizer.state``: state checks look at both
+(:func:`state_maps`). Specs with ``requires_closure`` get every step as ``opt.step(closure)``, the
+closure doing what the test would otherwise do before ``opt.step()`` (:func:`micro_step`).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import pickle
@@ -18,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import danlu
-from optim_db import OPTIM_DB, Config, OptimSpec, configs, spec_by_name
+from danlu._core.optimizer import DanluOptimizer
+from danlu._core.wrapper import OptimizerWrapper
+from optim_db import OPTIM_DB, WRAPPER_INNERS, Config, OptimSpec, configs, spec_by_name
 
 ALL = configs()
 BASE = configs(variants=False)
@@ -55,11 +63,17 @@ def _db_skips(request):
     name = request.node.originalname
     cfg = callspec.params.get("cfg")
     spec = callspec.params.get("spec")
+    # The test's other parameters, for "<test>@<value>" keys: strings (a layout) and specs (by name).
+    values = [
+        v if isinstance(v, str) else v.name
+        for k, v in callspec.params.items()
+        if k not in ("cfg", "spec") and isinstance(v, (str, OptimSpec))
+    ]
     reason = None
     if isinstance(cfg, Config):
-        reason = cfg.skip_reason(name)
+        reason = cfg.skip_reason(name, values)
     elif isinstance(spec, OptimSpec):
-        reason = spec.skips.get(f"{name}/default") or spec.skips.get(name)
+        reason = spec.skip_reason(name, "default", values)
     if reason:
         pytest.skip(reason)
 
@@ -106,21 +120,46 @@ def raw_closure(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Calla
     return closure
 
 
+def innermost(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that owns the param groups: a wrapper's inner optimizer, else ``opt``."""
+    return innermost(opt.optimizer) if isinstance(opt, OptimizerWrapper) else opt
+
+
+def state_maps(opt: torch.optim.Optimizer) -> list[dict]:
+    """``opt.state``, then (for a wrapper) its inner optimizer's: every per-parameter state there is."""
+    return [opt.state] + (state_maps(opt.optimizer) if isinstance(opt, OptimizerWrapper) else [])
+
+
+def states_of(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[dict]:
+    """``p``'s state at each level of :func:`state_maps` (``{}`` where it has none; creates nothing)."""
+    return [m.get(p, {}) for m in state_maps(opt)]
+
+
 def micro_steps(opt: torch.optim.Optimizer) -> int:
-    """Calls of ``step()`` per parameter update: ``accum_steps`` for accumulating optimizers, else 1."""
-    return getattr(opt, "accum_steps", 1)
+    """Calls of ``step()`` per parameter update: ``accum_steps`` for accumulating optimizers (also as
+    a wrapper's inner optimizer), else 1."""
+    return getattr(innermost(opt), "accum_steps", 1)
+
+
+def _spec(cfg: Config | OptimSpec) -> OptimSpec:
+    return cfg.spec if isinstance(cfg, Config) else cfg
+
+
+def micro_step(cfg: Config | OptimSpec, opt: torch.optim.Optimizer, closure: Callable) -> Any:
+    """One call of ``step``: ``closure(); opt.step()``, or ``opt.step(closure)`` where the spec
+    requires a closure. Returns the closure's loss."""
+    if _spec(cfg).requires_closure:
+        return opt.step(closure)
+    loss = closure()
+    opt.step()
+    return loss
 
 
 def do_step(cfg: Config | OptimSpec, opt: torch.optim.Optimizer, closure: Callable) -> Any:
     """One parameter update: ``micro_steps(opt)`` calls of ``step`` (the last one moves θ)."""
-    spec = cfg.spec if isinstance(cfg, Config) else cfg
     for _ in range(micro_steps(opt)):
-        if spec.requires_closure:
-            loss = opt.step(closure)
-        else:
-            loss = closure()
-            opt.step()
-    assert getattr(opt, "is_update_step", True), "the last micro-step of a window did not update"
+        loss = micro_step(cfg, opt, closure)
+    assert getattr(innermost(opt), "is_update_step", True), "the last micro-step of a window did not update"
     return loss
 
 
@@ -192,22 +231,54 @@ def test_every_exported_optimizer_is_enrolled():
         for name in danlu.__all__
         if isinstance(getattr(danlu, name), type) and issubclass(getattr(danlu, name), torch.optim.Optimizer)
     }
-    enrolled = {spec.name for spec in OPTIM_DB}
+    enrolled = {spec.cls.__name__ for spec in OPTIM_DB}
     missing = sorted(exported - enrolled)
     assert not missing, f"exported optimizers without an entry in tests/optim_db.py: {missing}"
     for spec in OPTIM_DB:
-        assert spec.name in danlu.__all__, f"{spec.name} is in optim_db but not exported"
-        assert getattr(danlu, spec.name) is spec.cls
-    assert len(enrolled) == len(OPTIM_DB), "duplicate names in optim_db"
+        base = spec.cls.__name__
+        assert base in danlu.__all__, f"{spec.name} is in optim_db but not exported"
+        assert getattr(danlu, base) is spec.cls
+        if issubclass(spec.cls, OptimizerWrapper):
+            assert spec.inner is not None and spec.factory is not None, f"{spec.name}: a wrapper needs inner and factory"
+            label = spec.name.removeprefix(f"{base}[").removesuffix("]")
+            assert spec.name == f"{base}[{label}]" and WRAPPER_INNERS.get(label, spec.inner) is spec.inner, spec.name
+        else:
+            assert spec.name == base and spec.inner is None, spec.name
+    # Wrappers: crossed with (at least) SGDM, AdamW, Lion and torch.optim.SGD as inner optimizers.
+    required = set(WRAPPER_INNERS.values())
+    assert {danlu.SGDM, danlu.AdamW, danlu.Lion, torch.optim.SGD} <= required
+    for name in sorted(exported):
+        cls = getattr(danlu, name)
+        if issubclass(cls, OptimizerWrapper):
+            inners = {spec.inner for spec in OPTIM_DB if spec.cls is cls}
+            lacking = sorted(c.__module__ + "." + c.__name__ for c in required - inners)
+            assert not lacking, f"{name} is not enrolled with inner optimizers {lacking}"
+    assert len({spec.name for spec in OPTIM_DB}) == len(OPTIM_DB), "duplicate names in optim_db"
+
+
+def _param_values(test: Callable) -> set[str]:
+    """The values of a test's parametrize marks that a skip key may name after "@"."""
+    out = set()
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            for v in mark.args[1]:
+                for x in v if isinstance(v, tuple) else (v,):
+                    if isinstance(x, str):
+                        out.add(x)
+                    elif isinstance(x, OptimSpec):
+                        out.add(x.name)
+    return out
 
 
 def test_skip_keys_name_real_tests():
-    tests = {name for name, obj in globals().items() if name.startswith("test_") and callable(obj)}
+    tests = {name: obj for name, obj in globals().items() if name.startswith("test_") and callable(obj)}
     for spec in OPTIM_DB:
         for key, reason in spec.skips.items():
-            name, _, variant = key.partition("/")
+            key_, _, value = key.partition("@")
+            name, _, variant = key_.partition("/")
             assert name in tests, f"{spec.name}: skip key {key!r} names no battery test"
             assert not variant or variant == "default" or variant in spec.variants, f"{spec.name}: {key!r}"
+            assert "@" not in key or value in _param_values(tests[name]), f"{spec.name}: {key!r} names no parameter"
             assert isinstance(reason, str) and len(reason) > 10, f"{spec.name}: skip {key!r} needs a reason"
 
 
@@ -228,7 +299,10 @@ BAD_CASES = [(spec, bad) for spec in OPTIM_DB for bad in spec.bad]
 
 
 def _bad_id(spec: OptimSpec, bad) -> str:
-    parts = [f"{k}={v!r}" for k, v in bad.kwargs.items()] + [f"group.{k}={v!r}" for k, v in (bad.group or {}).items()]
+    def show(v):
+        return v.__name__ if isinstance(v, type) else repr(v)
+
+    parts = [f"{k}={show(v)}" for k, v in bad.kwargs.items()] + [f"group.{k}={show(v)}" for k, v in (bad.group or {}).items()]
     return f"{spec.name}-{','.join(parts)}"
 
 
@@ -249,13 +323,13 @@ def test_bad_hyperparameter_raises(spec: OptimSpec, bad):
     params = _bad_params()
     arg = params if bad.group is None else [{"params": params, **bad.group}]
     with pytest.raises(bad.exc, match=bad.regex):
-        spec.cls(arg, **{**spec.kwargs, **bad.kwargs})
+        spec.build(arg, **{**spec.kwargs, **bad.kwargs})
 
 
 @over_bad_group
 def test_bad_param_group_is_refused_and_not_added(spec: OptimSpec, bad):
     model, X, y = mlp_problem()
-    opt = spec.cls(list(model[0].parameters()), **spec.kwargs)
+    opt = spec.build(list(model[0].parameters()), **spec.kwargs)
     train(Config(spec, "default", spec.kwargs), model, opt, X, y, 2)
     groups_before = list(opt.param_groups)
     before = snapshot(opt)
@@ -271,7 +345,7 @@ def test_bad_param_group_is_refused_and_not_added(spec: OptimSpec, bad):
 @over_specs
 def test_good_param_group_can_be_added(spec: OptimSpec):
     model, X, y = mlp_problem()
-    opt = spec.cls(list(model[0].parameters()), **spec.kwargs)
+    opt = spec.build(list(model[0].parameters()), **spec.kwargs)
     opt.add_param_group({"params": list(model[2].parameters())})
     assert len(opt.param_groups) == 2
     before = params_of(model[2])
@@ -281,11 +355,27 @@ def test_good_param_group_can_be_added(spec: OptimSpec):
 
 @over_specs
 def test_complex_params_raise_type_error(spec: OptimSpec):
-    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
-    with pytest.raises(TypeError, match="complex"):
-        spec.cls([z], **spec.kwargs)
-    with pytest.raises(TypeError, match="complex"):
-        spec.cls([torch.zeros(3, requires_grad=True), z], **spec.kwargs)
+    """Refused at construction; a wrapper whose inner optimizer takes complex params (torch's) refuses
+    them at the first step instead, before anything moves."""
+    for params in ([torch.zeros(3, dtype=torch.complex64, requires_grad=True)],
+                   [torch.zeros(3, requires_grad=True), torch.zeros(3, dtype=torch.complex64, requires_grad=True)]):
+        if spec.inner is None or issubclass(spec.inner, DanluOptimizer):
+            with pytest.raises(TypeError, match="complex"):
+                spec.build(params, **spec.kwargs)
+            continue
+        opt = spec.build(params, **spec.kwargs)
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = sum(((p - 0.3).abs() ** 2).sum() for p in params)
+            loss.backward()
+            return loss
+
+        before = params_of(params)
+        with pytest.raises(TypeError, match="complex"):
+            micro_step(spec, opt, closure)
+        assert_bitwise(before, params_of(params), "params after a refused complex step")
+        assert all(len(s) == 0 for p in params for s in states_of(opt, p)), "a refused step created state"
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -318,11 +408,12 @@ def test_state_dict_round_trip_bitwise_lockstep(cfg: Config):
     buf.seek(0)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert_same_tree(opt.state_dict(), opt2.state_dict(), "state_dict after load")
-    # The loaded state does not alias the original's.
+    # The loaded state does not alias the original's (a wrapper's nor its inner optimizer's).
     for p, p2 in zip(model.parameters(), model2.parameters()):
-        for k, v in opt2.state[p2].items():
-            if isinstance(v, torch.Tensor) and v.numel():
-                assert v.data_ptr() != opt.state[p][k].data_ptr()
+        for s, s2 in zip(states_of(opt, p), states_of(opt2, p2)):
+            for k, v in s2.items():
+                if isinstance(v, torch.Tensor) and v.numel():
+                    assert v.data_ptr() != s[k].data_ptr()
 
     for _ in range(5):
         train(cfg, model, opt, X, y, 1)
@@ -331,13 +422,28 @@ def test_state_dict_round_trip_bitwise_lockstep(cfg: Config):
     assert_same_tree(opt.state_dict(), opt2.state_dict(), "state_dict after lockstep")
 
 
-def _stepped(cfg_or_make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params, n: int = 2):
-    opt = cfg_or_make(params)
+def _stepped(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], params, n: int = 2,
+             spec: OptimSpec | None = None):
+    """``make(params)`` after ``n`` steps on :func:`raw_closure` (through ``opt.step(closure)`` where
+    ``spec`` requires a closure)."""
+    opt = make(params)
     closure = raw_closure(opt, params)
     for _ in range(n):
-        closure()
-        opt.step()
+        if spec is not None and spec.requires_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
     return opt
+
+
+def _untagged(sd: dict) -> dict:
+    """What a hand-converted checkpoint looks like: only torch's two keys, no danlu class tag. A
+    wrapper's dict keeps its own format (``wrapper``/``inner``, no torch counterpart); its inner part
+    is untagged."""
+    if set(sd) == {"wrapper", "inner"}:
+        return {"wrapper": sd["wrapper"], "inner": _untagged(sd["inner"])}
+    return {"state": sd["state"], "param_groups": sd["param_groups"]}
 
 
 def _layout():
@@ -357,13 +463,13 @@ _SAME_SCHEMA = {frozenset({"AdaX", "AdamW"})}
 @pytest.mark.parametrize("tagged", [True, False], ids=["as-saved", "untagged"])
 def test_state_dict_from_other_danlu_optimizer_is_refused(spec: OptimSpec, source: OptimSpec, tagged: bool):
     cfg = Config(spec, "default", spec.kwargs)
-    opt = _stepped(cfg.make, raw_params(_layout()))
-    foreign = _stepped(lambda ps: source.cls(ps, **source.kwargs), raw_params(_layout(), seed=1)).state_dict()
+    opt = _stepped(cfg.make, raw_params(_layout()), spec=spec)
+    foreign = _stepped(lambda ps: source.build(ps, **source.kwargs), raw_params(_layout(), seed=1), spec=source)
+    foreign = foreign.state_dict()
     if not tagged and frozenset({spec.name, source.name}) in _SAME_SCHEMA:
         pytest.skip("same hyperparameter and state schema: indistinguishable without the class tag")
     if not tagged:
-        # What a hand-converted checkpoint looks like: only torch's two keys, no danlu class tag.
-        foreign = {"state": foreign["state"], "param_groups": foreign["param_groups"]}
+        foreign = _untagged(foreign)
     before = snapshot(opt)
     with pytest.raises(ValueError):
         opt.load_state_dict(foreign)
@@ -382,7 +488,7 @@ TORCH_OPTIMS = {
 @pytest.mark.parametrize("source", list(TORCH_OPTIMS), ids=list(TORCH_OPTIMS))
 def test_state_dict_from_torch_optimizer_is_refused(spec: OptimSpec, source: str):
     cfg = Config(spec, "default", spec.kwargs)
-    opt = _stepped(cfg.make, raw_params(_layout()))
+    opt = _stepped(cfg.make, raw_params(_layout()), spec=spec)
     foreign = _stepped(TORCH_OPTIMS[source], raw_params(_layout(), seed=1)).state_dict()
     before = snapshot(opt)
     with pytest.raises(ValueError):
@@ -407,8 +513,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_state_dict_from_other_layout_is_refused(cfg: Config, layout: str):
     mine, my_groups, theirs, their_groups = LAYOUTS[layout]
-    opt = _stepped(lambda ps: cfg.make(my_groups(ps)), raw_params(mine))
-    foreign = _stepped(lambda ps: cfg.make(their_groups(ps)), raw_params(theirs, seed=1)).state_dict()
+    opt = _stepped(lambda ps: cfg.make(my_groups(ps)), raw_params(mine), spec=cfg.spec)
+    foreign = _stepped(lambda ps: cfg.make(their_groups(ps)), raw_params(theirs, seed=1), spec=cfg.spec).state_dict()
     before = snapshot(opt)
     with pytest.raises(ValueError):
         opt.load_state_dict(foreign)
@@ -515,19 +621,17 @@ def test_params_without_grad_untouched_and_stateless(cfg: Config):
         return loss
 
     for _ in range(micro_steps(opt)):
-        closure(True)
-        opt.step()
+        micro_step(cfg, opt, lambda: closure(True))
     assert never.grad is None
     after_first = later_none.detach().clone()
-    state_first = copy.deepcopy(dict(opt.state[later_none]))
+    state_first = copy.deepcopy([dict(s) for s in states_of(opt, later_none)])
     for _ in range(3 * micro_steps(opt)):
-        closure(False)
+        micro_step(cfg, opt, lambda: closure(False))
         assert later_none.grad is None
-        opt.step()
     assert torch.equal(never.detach(), never0), "a param that never had a grad moved"
-    assert never not in opt.state or len(opt.state[never]) == 0, "a param that never had a grad got state"
+    assert all(len(s) == 0 for s in states_of(opt, never)), "a param that never had a grad got state"
     assert torch.equal(later_none.detach(), after_first), "a param whose grad is None moved"
-    assert_same_tree(state_first, dict(opt.state[later_none]), "state of a param whose grad is None")
+    assert_same_tree(state_first, [dict(s) for s in states_of(opt, later_none)], "state of a param whose grad is None")
 
 
 @over_all
@@ -545,10 +649,11 @@ def test_zero_size_and_scalar_params(cfg: Config):
         do_step(cfg, opt, closure)
     for p in params:
         assert torch.isfinite(p).all()
-        for k, v in opt.state[p].items():
-            if isinstance(v, torch.Tensor):
-                assert torch.isfinite(v).all(), f"state {k!r} of a {tuple(p.shape)} param is not finite"
-    assert len(opt.state[empty_rows]) > 0, "a zero-size param with a gradient gets state like any other"
+        for state in states_of(opt, p):
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.isfinite(v).all(), f"state {k!r} of a {tuple(p.shape)} param is not finite"
+    assert any(len(s) > 0 for s in states_of(opt, empty_rows)), "a zero-size param with a gradient gets state like any other"
 
 
 @over_all
@@ -560,17 +665,21 @@ def test_dtypes_kept_and_finite(cfg: Config, dtype: torch.dtype):
     start = [p.detach().clone() for p in params]
     for _ in range(5):
         do_step(cfg, opt, closure)
+    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     for p, p0 in zip(params, start):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
         assert not torch.equal(p, p0), "param did not move"
-        state = opt.state[p]
-        assert len(state) > 0
-        for k, v in state.items():
-            if k == "step" or not isinstance(v, torch.Tensor):
-                continue
-            assert v.dtype == dtype, f"state {k!r} is {v.dtype}, param is {dtype}"
-            assert torch.isfinite(v).all(), f"state {k!r} is not finite"
+        states = states_of(opt, p)
+        assert any(len(s) > 0 for s in states)
+        for level, state in enumerate(states):
+            for k, v in state.items():
+                if k == "step" or not isinstance(v, torch.Tensor):
+                    continue
+                # Level 0 is the spec's own class (a wrapper's own state); deeper levels its inner optimizer.
+                want = acc if level == 0 and k in cfg.spec.acc_state else dtype
+                assert v.dtype == want, f"state {k!r} is {v.dtype}, param is {dtype}"
+                assert torch.isfinite(v).all(), f"state {k!r} is not finite"
 
 
 # --- determinism, copies ---------------------------------------------------------------------------
@@ -598,8 +707,12 @@ def test_deepcopy_and_pickle_continue_identically(cfg: Config, how: str):
     else:
         model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
     assert type(opt2) is type(opt)
-    # The copy's state is keyed by the copy's params.
-    assert all(p in opt2.state for p in model2.parameters())
+    # The copy's state (a wrapper's and its inner optimizer's) is keyed by the copy's params.
+    assert all(any(p in m for m in state_maps(opt2)) for p in model2.parameters())
+    copies = {id(p) for p in model2.parameters()}
+    assert all(id(k) in copies for m in state_maps(opt2) for k in m)
+    if isinstance(opt, OptimizerWrapper):
+        assert opt2.param_groups is opt2.optimizer.param_groups, "the copy shares its inner optimizer's groups"
     assert_same_tree(opt.state_dict(), opt2.state_dict())
     for _ in range(4):
         train(cfg, model, opt, X, y, 1)
@@ -614,21 +727,26 @@ def test_deepcopy_and_pickle_continue_identically(cfg: Config, how: str):
 @pytest.mark.parametrize("warmup", [0, 3], ids=["first-step", "after-3-steps"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
 def test_nonfinite_grad_shows_in_params(cfg: Config, warmup: int, bad: float):
-    """Contract: a non-finite gradient entry makes (at least) that parameter entry non-finite."""
+    """Contract: a non-finite gradient entry makes (at least) that parameter entry non-finite.
+
+    The bad entries are written into ``.grad`` after backward, by the closure itself where the spec
+    requires one (a closure-driven wrapper sees them on every pass of its step)."""
     w, b = params = raw_params([(4, 5), (5,)])
     opt = cfg.make(params)
     closure = raw_closure(opt, params)
+
+    def bad_closure():
+        loss = closure()
+        w.grad[1, 2] = bad
+        b.grad[3] = bad
+        return loss
+
     for _ in range(warmup * micro_steps(opt)):
-        closure()
-        opt.step()
+        micro_step(cfg, opt, closure)
     # The bad entry arrives on the first micro-step of a window (the only one when not accumulating).
-    closure()
-    w.grad[1, 2] = bad
-    b.grad[3] = bad
-    opt.step()
+    micro_step(cfg, opt, bad_closure)
     for _ in range(micro_steps(opt) - 1):
-        closure()
-        opt.step()
+        micro_step(cfg, opt, closure)
     assert not torch.isfinite(w[1, 2]), f"w[1, 2] = {w[1, 2].item()} after a {bad} gradient entry"
     assert not torch.isfinite(b[3]), f"b[3] = {b[3].item()} after a {bad} gradient entry"
 
@@ -639,15 +757,21 @@ def test_sparse_grad_raises_and_changes_nothing(spec: OptimSpec):
     dense = nn.Linear(4, 4)
     emb = nn.Embedding(10, 4, sparse=True)
     params = list(dense.parameters()) + list(emb.parameters())
-    opt = spec.cls(params, **spec.kwargs)
+    opt = spec.build(params, **spec.kwargs)
     before = params_of(params)
-    loss = dense(emb(torch.tensor([1, 2, 5]))).pow(2).sum()
-    loss.backward()
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = dense(emb(torch.tensor([1, 2, 5]))).pow(2).sum()
+        loss.backward()
+        return loss
+
+    closure()
     assert emb.weight.grad.is_sparse
     with pytest.raises(RuntimeError, match=r"(?i)sparse"):
-        opt.step()
+        micro_step(spec, opt, closure)
     assert_bitwise(before, params_of(params), "params after a refused sparse step")
-    assert all(len(opt.state.get(p, {})) == 0 for p in params), "a refused step created state"
+    assert all(len(s) == 0 for p in params for s in states_of(opt, p)), "a refused step created state"
 
 
 # --- closure, schedulers, zero_grad ----------------------------------------------------------------
@@ -676,6 +800,12 @@ def test_step_with_closure_returns_loss_with_grad_enabled(cfg: Config):
     assert opt.step(lambda: sentinel) is sentinel
     if not cfg.spec.requires_closure:
         assert opt.step() is None
+    else:
+        before = (params_of(model), copy.deepcopy(opt.state_dict()))
+        with pytest.raises(TypeError, match="closure"):
+            opt.step()
+        assert_bitwise(before[0], params_of(model), "params after step() without the required closure")
+        assert_same_tree(before[1], opt.state_dict(), "state_dict after step() without the required closure")
 
 
 @over_base
@@ -699,23 +829,53 @@ def test_with_lr_scheduler_and_zero_grad_set_to_none(cfg: Config):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def set_grad_step(cfg: Config, opt: torch.optim.Optimizer, p: torch.Tensor, grad: torch.Tensor) -> None:
+    """One micro-step with ``p.grad = grad`` (set by the closure where the spec requires one: to a
+    closure-driven wrapper the loss looks linear, every pass gives the same gradient)."""
+
+    def closure():
+        p.grad = grad.clone()
+        return torch.zeros(())
+
+    micro_step(cfg, opt, closure)
+
+
 @pytest.mark.parametrize("cfg", [c for c in configs() if c.variant == "default"], ids=lambda c: c.id)
 def test_state_dict_with_invalid_hyperparameter_is_refused(cfg):
     """A saved group whose hyperparameters fail validation is refused before anything changes."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = cfg.make([p])
-    p.grad = torch.randn(4, 3)
-    opt.step()
+    set_grad_step(cfg, opt, p, torch.randn(4, 3))
     sd = copy.deepcopy(opt.state_dict())
-    sd["param_groups"][0]["lr"] = -1.0
+    # A wrapper's lr lives in its inner optimizer's groups.
+    (sd["inner"] if isinstance(opt, OptimizerWrapper) else sd)["param_groups"][0]["lr"] = -1.0
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=r"param group 0 is invalid: Invalid lr: -1\.0"):
         opt.load_state_dict(sd)
-    after = opt.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for k, v in before["state"][0].items():
-        assert torch.equal(after["state"][0][k], v)
+    assert_same_tree(before, opt.state_dict(), "state_dict after a refused load")
+
+
+WRAPPER_BASE = [c for c in BASE if isinstance(c.spec.cls, type) and issubclass(c.spec.cls, OptimizerWrapper)]
+
+
+@over(WRAPPER_BASE)
+def test_state_dict_with_invalid_wrapper_hyperparameter_is_refused(cfg):
+    """A saved wrapper hyperparameter (its first one: meta_lr, strength) that fails validation is
+    refused before anything changes, whatever the inner optimizer."""
+    key = next(n for n in inspect.signature(cfg.spec.cls).parameters if n != "optimizer")
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cfg.make([p])
+    set_grad_step(cfg, opt, p, torch.randn(4, 3))
+    sd = copy.deepcopy(opt.state_dict())
+    assert key in sd["wrapper"]["hyper"]
+    sd["wrapper"]["hyper"][key] = -1.0
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=rf"Invalid {key}: -1\.0"):
+        opt.load_state_dict(sd)
+    assert_same_tree(before, opt.state_dict(), "state_dict after a refused load")
+    assert getattr(opt, key) == cfg.kwargs[key]
 
 
 @pytest.mark.parametrize("cfg", [c for c in configs() if c.variant == "default"], ids=lambda c: c.id)
@@ -726,9 +886,14 @@ def test_deepcopied_optimizer_loads_a_saved_state_dict(cfg):
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = cfg.make([p])
     for _ in range(micro_steps(opt)):
-        p.grad = torch.randn(4, 3)
-        opt.step()
+        set_grad_step(cfg, opt, p, torch.randn(4, 3))
     saved = opt.state_dict()
     clone = copy.deepcopy(opt)
     clone.load_state_dict(saved)
-    assert_same_tree(clone.state_dict()["state"], saved["state"])
+
+    def per_param_state(sd):
+        if isinstance(opt, OptimizerWrapper) and set(sd) == {"wrapper", "inner"}:
+            return [sd["wrapper"]["state"], per_param_state(sd["inner"])]
+        return sd["state"]
+
+    assert_same_tree(per_param_state(clone.state_dict()), per_param_state(saved))

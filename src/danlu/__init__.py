@@ -8,9 +8,12 @@ from .optim.adafactor import Adafactor
 from .optim.adamw import AdamW
 from .optim.adax import AdaX
 from .optim.amos import Amos, amos_groups
+from .optim.egd import EGD
 from .optim.lion import Lion, Tiger
 from .optim.sgdm import SGDM
 from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
+from .wrappers.eg_step_size import EGStepSize
+from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
 
 __version__ = "0.1.0"
 
@@ -20,11 +23,16 @@ __all__ = sorted(
         "AdamW",
         "Adafactor",
         "Amos",
+        "EGD",
+        "EGStepSize",
+        "GradientPenalty",
         "Lion",
         "SGDM",
         "ScaleAwareSchedule",
         "Tiger",
         "amos_groups",
+        "flood",
+        "igr_strength",
         "lion_from_adamw",
         "scale_aware_groups",
         "scale_aware_lr_lambda",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_number", "check_betas", "check_bool", "check_optional"]
+__all__ = ["check_number", "check_betas", "check_bool", "check_optional", "check_choice"]
 
 
 def _fail(name: str, value: Any, expected: str, exc: type[Exception] = ValueError) -> None:
@@ -76,4 +76,14 @@ def check_betas(name: str, betas: Any, *, low: float = 0.0, high: float = 1.0) -
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(name, value, "a bool", TypeError)
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    """Check that ``value`` is one of ``allowed`` (strings, or ``None`` where allowed lists it)."""
+    expected = "one of " + ", ".join(repr(a) for a in allowed)
+    if not isinstance(value, str) and not any(value is a for a in allowed):
+        _fail(name, value, expected, TypeError)
+    if value not in allowed:
+        _fail(name, value, expected)
     return value

@@ -60,7 +60,13 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = {k: v for k, v in state.items() if k != "param_groups"}
+        # torch's Optimizer.__setstate__ adds "differentiable" to ``defaults``, which here is the inner
+        # optimizer's own dict: undo it, so that wrapping leaves the inner optimizer as it was.
+        defaults = state.get("defaults")
+        had = not isinstance(defaults, dict) or "differentiable" in defaults
         super().__setstate__(state)
+        if not had:
+            self.defaults.pop("differentiable", None)
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyper_keys)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from .._core.numerics import acc_dtype, propagate_nonfinite_
-from .._core.validate import check_number, check_optional
+from .._core.validate import check_choice, check_number, check_optional
 from .._core.wrapper import OptimizerWrapper
 
 __all__ = ["EGStepSize"]
@@ -16,15 +16,6 @@ __all__ = ["EGStepSize"]
 _FORMS = ("su", "paper")
 _GRANULARITIES = ("coordinate", "tensor", "group")
 _NORMALIZE = (None, "cosine")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    expected = "one of " + ", ".join(repr(a) for a in allowed)
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"Invalid {name}: {value!r} (expected {expected})")
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
-    return value
 
 
 def _check_bounds(lo_name: str, lo: Any, hi_name: str, hi: Any) -> tuple[float, float]:
@@ -38,9 +29,9 @@ def _resolve(cfg: dict[str, Any]) -> dict[str, Any]:
     """Validate a full configuration and fill the form-dependent defaults (β, γ_s)."""
     out = dict(cfg)
     out["meta_lr"] = check_number("meta_lr", cfg["meta_lr"], low=0.0)
-    out["form"] = form = _check_choice("form", cfg["form"], _FORMS)
-    out["granularity"] = _check_choice("granularity", cfg["granularity"], _GRANULARITIES)
-    out["normalize"] = _check_choice("normalize", cfg["normalize"], _NORMALIZE)
+    out["form"] = form = check_choice("form", cfg["form"], _FORMS)
+    out["granularity"] = check_choice("granularity", cfg["granularity"], _GRANULARITIES)
+    out["normalize"] = check_choice("normalize", cfg["normalize"], _NORMALIZE)
     out["max_exponent"] = check_number("max_exponent", cfg["max_exponent"], low=0.0, low_open=True)
     out["nu_min"], out["nu_max"] = _check_bounds("nu_min", cfg["nu_min"], "nu_max", cfg["nu_max"])
     out["scale_min"], out["scale_max"] = _check_bounds("scale_min", cfg["scale_min"], "scale_max", cfg["scale_max"])
@@ -193,15 +184,6 @@ class EGStepSize(OptimizerWrapper):
             setattr(self, k, v)
         # Per param group (index in param_groups): 0-d "nu" (granularity "group") and "scale" (paper).
         self.group_state: list[dict[str, torch.Tensor]] = []
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # torch's Optimizer.__setstate__ adds "differentiable" to ``defaults``, which here is the inner
-        # optimizer's dict; a danlu inner optimizer would then refuse its own state dicts. Undo it.
-        defaults = state.get("defaults")
-        had = not isinstance(defaults, dict) or "differentiable" in defaults
-        super().__setstate__(state)
-        if not had:
-            self.defaults.pop("differentiable", None)
 
     # --- state dict -------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._core.validate import check_number
+from .._core.validate import check_choice, check_number
 from .._core.wrapper import OptimizerWrapper
 
 __all__ = ["GradientPenalty", "igr_strength", "flood"]
@@ -23,15 +23,6 @@ _METHODS = ("finite_difference", "double_backward")
 
 def _check_strength(value: Any) -> float:
     return check_number("strength", value, low=0.0)
-
-
-def _check_method(value: Any) -> str:
-    expected = "one of " + ", ".join(repr(m) for m in _METHODS)
-    if not isinstance(value, str):
-        raise TypeError(f"Invalid method: {value!r} (expected {expected})")
-    if value not in _METHODS:
-        raise ValueError(f"Invalid method: {value!r} (expected {expected})")
-    return value
 
 
 class GradientPenalty(OptimizerWrapper):
@@ -124,7 +115,7 @@ class GradientPenalty(OptimizerWrapper):
         method: str = "finite_difference",
     ) -> None:
         strength = _check_strength(strength)
-        method = _check_method(method)
+        method = check_choice("method", method, _METHODS)
         super().__init__(optimizer)
         if isinstance(optimizer, torch.optim.LBFGS):
             raise TypeError(
@@ -148,7 +139,7 @@ class GradientPenalty(OptimizerWrapper):
 
     @method.setter
     def method(self, value: str) -> None:
-        self._method = _check_method(value)
+        self._method = check_choice("method", value, _METHODS)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like :meth:`OptimizerWrapper.load_state_dict`; saved ``strength``/``method`` are checked first."""
@@ -158,7 +149,7 @@ class GradientPenalty(OptimizerWrapper):
                 if "strength" in hyper:
                     _check_strength(hyper["strength"])
                 if "method" in hyper:
-                    _check_method(hyper["method"])
+                    check_choice("method", hyper["method"], _METHODS)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"GradientPenalty.load_state_dict: {err}") from err
         super().load_state_dict(state_dict)
