@@ -56,6 +56,12 @@ class OptimSpec:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     skips: dict[str, str] = field(default_factory=dict)
     requires_closure: bool = False
+    # How the battery calls ``step`` with its closure where ``requires_closure``; None: ``opt.step(closure)``.
+    step_with: Callable[[torch.optim.Optimizer, Callable], Any] | None = None
+    # The closure returns the loss WITHOUT backward (derivative-free optimizers).
+    zeroth_order: bool = False
+    # No per-parameter state (ZeroOrder's only state is its generator): state checks do not apply.
+    stateless: bool = False
     # Final loss must be below this fraction of the initial loss on the battery's MLP regression.
     loss_ratio: float = 0.3
     # How to build it: ``factory(params, **kwargs)``; None means ``cls(params, **kwargs)``. Every
@@ -66,6 +72,13 @@ class OptimSpec:
     # State entries of ``cls`` kept in float32 for 16-bit params by design (documented); the rest of
     # the state must have the param's dtype.
     acc_state: frozenset[str] = frozenset()
+
+    def step(self, opt: torch.optim.Optimizer, closure: Callable) -> Any:
+        """``opt.step(closure)`` the spec's way: through ``step_with`` where set, and with the
+        closure's ``backward`` a no-op for a zeroth-order spec (see :func:`loss_only`)."""
+        if self.zeroth_order:
+            closure = loss_only(closure)
+        return (self.step_with or (lambda o, c: o.step(c)))(opt, closure)
 
     def build(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return (self.factory or self.cls)(params, **kwargs)
@@ -95,6 +108,17 @@ class Config:
 
     def make(self, params: Any, **overrides: Any):
         return self.spec.build(params, **{**self.kwargs, **overrides})
+
+
+def loss_only(closure: Callable) -> Callable:
+    """The battery's closure with ``backward`` a no-op: what a zeroth-order optimizer's closure is."""
+    from unittest import mock
+
+    def run():
+        with mock.patch.object(torch.Tensor, "backward", lambda self, *a, **k: None):
+            return closure()
+
+    return run
 
 
 def _lr_weight_decay_cases(wd_name: str = "weight_decay") -> list[Bad]:
@@ -335,13 +359,15 @@ def _inner_bad(inner: str) -> list[Bad]:
 def _wrapper_factory(wrapper: type, inner: type) -> Callable[..., torch.optim.Optimizer]:
     """``factory(params, **kwargs)``: the wrapper's own keywords go to the wrapper, the rest to
     ``inner(params, ...)``. ``optimizer=x`` wraps ``x`` instead (to check what a wrapper refuses)."""
-    own = [n for n in inspect.signature(wrapper).parameters if n != "optimizer"]
+    own = [n for n in inspect.signature(wrapper).parameters if n not in ("optimizer", "params")]
+    # MGS(params, optimizer, ...): params=None searches all of the inner optimizer's parameters.
+    lead = (None,) if "params" in inspect.signature(wrapper).parameters else ()
 
     def factory(params: Any, *, optimizer: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
         wrapper_kwargs = {k: kwargs.pop(k) for k in own if k in kwargs}
         if optimizer is None:
             optimizer = inner(params, **kwargs)
-        return wrapper(optimizer, **wrapper_kwargs)
+        return wrapper(*lead, optimizer, **wrapper_kwargs)
 
     return factory
 
@@ -466,7 +492,80 @@ GRADIENT_PENALTY = _wrapper_specs(
     requires_closure=True,
 )
 
-OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY]
+def _mgs_step(opt: torch.optim.Optimizer, closure: Callable) -> Any:
+    """The battery has one closure (forward + backward of a loss): it is MGS's surrogate, and its loss
+    value, re-evaluated at each candidate, is the task loss (MGS holds the surrogate gradient apart
+    while task_loss runs, so the closure's own backward does not disturb the step)."""
+
+    def task_loss() -> float:
+        with torch.enable_grad():
+            return float(closure().detach())
+
+    return opt.step(closure, task_loss)
+
+
+MGS_SPECS = _wrapper_specs(
+    danlu.MGS,
+    # max_grad_norm 0.3: |Δ| ≤ 0.3 keeps torch.optim.SGD's undamped momentum (0.9, lr 0.3) stable.
+    dict(candidates=4, noise=1.0, beta=100.0, max_grad_norm=0.3),
+    [
+        Bad({"candidates": 0}, ValueError, r"^Invalid candidates: 0 \(expected a number in \[1, inf\]\)$", in_group=False),
+        Bad({"candidates": 2.0}, TypeError, r"^Invalid candidates: 2\.0 \(expected an int\)$", in_group=False),
+        Bad({"noise": 0.0}, ValueError, r"^Invalid noise: 0\.0 \(expected a number in \(0, inf\]\)$", in_group=False),
+        Bad({"beta": -1.0}, ValueError, r"^Invalid beta: -1\.0 \(expected a number in \[0, inf\]\)$", in_group=False),
+        Bad({"mix": 1.5}, ValueError, r"^Invalid mix: 1\.5 \(expected a number in \[0, 1\]\)$", in_group=False),
+        Bad({"q_density": "sigma"}, ValueError, r"^Invalid q_density: 'sigma' ", in_group=False),
+    ],
+    variants={"SGDM": {"random_exact": dict(assignment="random", q_density="exact", noise_scale="constant", noise=0.05)}},
+    requires_closure=True,
+    step_with=_mgs_step,
+    skips={label: {
+        "test_nonfinite_grad_shows_in_params": (
+            "MGS refuses a non-finite surrogate gradient (RuntimeError before anything moves): every "
+            "candidate built from it would be non-finite; tests/test_mgs.py checks the refusal"),
+        **({"test_state_dict_from_other_layout_is_refused@other_shapes": (
+            "MGS keeps no per-parameter state and torch.optim.SGD.load_state_dict does not check state "
+            "shapes (as for GradientPenalty[torch-SGD])")} if label == "torch-SGD" else {}),
+    } for label in WRAPPER_INNERS},
+)
+
+
+_ZO_DRIFT = ("ZeroOrder perturbs θ in place and restores it by subtraction (MeZO): in float32 each "
+             "perturb/restore cycle leaves a rounding of θ + σu (a few ulp), so a group at lr ~0 is not "
+             "bitwise still; tests/test_zero_order.py bounds the drift")
+ZERO_ORDER = OptimSpec(
+    name="ZeroOrder",
+    cls=danlu.ZeroOrder,
+    kwargs=dict(lr=0.05, samples=8, sigma=1e-2),
+    bad=_lr_weight_decay_cases() + [
+        Bad({"sigma": 0.0}, ValueError, r"^Invalid sigma: 0\.0 \(expected a number in \(0, inf\]\)$", in_group=False),
+        Bad({"samples": 0}, ValueError, r"^Invalid samples: 0 \(expected a number in \[1, inf\]\)$", in_group=False),
+        Bad({"samples": 2.0}, TypeError, r"^Invalid samples: 2\.0 \(expected an int\)$", in_group=False),
+        Bad({"estimator": "central"}, ValueError, r"^Invalid estimator: 'central' ", in_group=False),
+    ],
+    variants={"one_sided": dict(estimator="one_sided", baseline="leave_one_out", weight_decay=1e-2)},
+    requires_closure=True,
+    zeroth_order=True,
+    stateless=True,
+    loss_ratio=0.6,
+    skips={
+        "test_tiny_lr_group_does_not_move": _ZO_DRIFT,
+        "test_scheduler_zero_lr_stops_movement": _ZO_DRIFT,
+        "test_params_without_grad_untouched_and_stateless": (
+            "ZeroOrder perturbs and updates every parameter with requires_grad (MeZO's convention): one the "
+            "loss does not use still moves along the drawn directions; it never reads .grad"),
+        "test_nonfinite_grad_shows_in_params": (
+            "ZeroOrder reads no gradients; a non-finite loss raises ValueError with the parameters restored "
+            "(tests/test_zero_order.py::test_bad_closure_raises_and_restores_everything)"),
+        "test_sparse_grad_raises_and_changes_nothing": (
+            "ZeroOrder reads no gradients: an embedding with sparse=True is a dense parameter to it"),
+        "test_step_with_closure_returns_loss_with_grad_enabled": (
+            "a zeroth-order closure runs under torch.no_grad() and must not call backward; step returns f(θ) "
+            "or the mean of the step's evaluations (tests/test_zero_order.py)"),
+    },
+)
+
+OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY, *MGS_SPECS, ZERO_ORDER]
 
 
 def spec_by_name(name: str) -> OptimSpec:

@@ -17,13 +17,6 @@ from danlu.optim.lion import Lion
 from danlu.wrappers.eg_step_size import EGStepSize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def positive(shape, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

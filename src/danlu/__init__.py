@@ -14,6 +14,8 @@ from .optim.sgdm import SGDM
 from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
+from .zeroth.mgs import MGS, sampling_step
+from .zeroth.zero_order import ZeroOrder, reinforce_loss
 
 __version__ = "0.1.0"
 
@@ -27,13 +29,17 @@ __all__ = sorted(
         "EGStepSize",
         "GradientPenalty",
         "Lion",
+        "MGS",
         "SGDM",
         "ScaleAwareSchedule",
         "Tiger",
+        "ZeroOrder",
         "amos_groups",
         "flood",
         "igr_strength",
         "lion_from_adamw",
+        "reinforce_loss",
+        "sampling_step",
         "scale_aware_groups",
         "scale_aware_lr_lambda",
     ]

@@ -25,6 +25,24 @@ def _check_strength(value: Any) -> float:
     return check_number("strength", value, low=0.0)
 
 
+def closure_gradient(closure: Callable[[], Any], params: list[torch.Tensor]) -> Any:
+    """Run ``closure`` with gradients enabled and ``params``' grads cleared; backpropagate its loss
+    (to ``params`` only) unless the closure called backward itself. Returns the closure's loss.
+
+    Shared by the closure-driven wrappers (GradientPenalty, MGS): a closure may be the usual torch /
+    Lightning one (zero_grad, forward, backward, return loss) or return the loss without backward.
+    """
+    for p in params:
+        p.grad = None
+    with torch.enable_grad():
+        loss = closure()
+        if any(p.grad is not None for p in params):
+            return loss  # the closure called backward itself
+        if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
+            torch.autograd.backward(loss, inputs=params)
+    return loss
+
+
 class GradientPenalty(OptimizerWrapper):
     r"""Step an inner optimizer on the gradient of L + λ·‖∇L‖² (explicit gradient regularization).
 
@@ -159,18 +177,6 @@ class GradientPenalty(OptimizerWrapper):
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self._params() if p.requires_grad]
 
-    def _closure_gradient(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> Any:
-        """Run the closure with cleared grads; backpropagate its loss unless the closure did."""
-        for p in params:
-            p.grad = None
-        with torch.enable_grad():
-            loss = closure()
-            if any(p.grad is not None for p in params):
-                return loss  # the closure called backward itself
-            if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
-                torch.autograd.backward(loss, inputs=params)
-        return loss
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step on ∇[L + λ‖∇L‖²]; returns the closure's loss at the unperturbed θ.
@@ -193,7 +199,7 @@ class GradientPenalty(OptimizerWrapper):
             )
         params = self._trainable()
         if self._strength == 0.0:
-            loss = self._closure_gradient(closure, params)
+            loss = closure_gradient(closure, params)
         elif self._method == "finite_difference":
             loss = self._finite_difference(closure, params)
         else:
@@ -202,7 +208,7 @@ class GradientPenalty(OptimizerWrapper):
         return loss
 
     def _finite_difference(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> Any:
-        loss = self._closure_gradient(closure, params)
+        loss = closure_gradient(closure, params)
         shifted = [p for p in params if p.grad is not None]
         if not shifted:
             return loss
@@ -212,7 +218,7 @@ class GradientPenalty(OptimizerWrapper):
         for p in shifted:
             p.add_(p.grad, alpha=2.0 * self._strength)
         try:
-            self._closure_gradient(closure, params)
+            closure_gradient(closure, params)
         finally:
             for p, theta in zip(shifted, saved):
                 p.copy_(theta)

@@ -1,0 +1,523 @@
+r"""The sampling view of optimization, and MLE-guided parameter search (MGS) for non-differentiable losses.
+
+Su (kexue.fm/archives/7521) reads an update Δ as the mean of a distribution over steps,
+
+    p(Δ | θ) = exp(−[l(θ + Δ) − l(θ)] / α) / Z(θ),        Δ* = E_p[Δ],
+
+which needs no derivative of l. α → 0 puts the mass on the minimiser (fastest descent), α → ∞ spreads it
+evenly (Δ* → 0, most stable); on a quadratic l = gᵀΔ + ½ΔᵀAΔ, p = N(−A⁻¹g, αA⁻¹) and Δ* is the Newton step,
+and in a small ball it is the gradient-descent direction. :func:`sampling_step` estimates Δ* by
+self-normalised importance sampling from any proposal q: the unified view, usable on small problems.
+
+:class:`MGS` (Welleck & Cho) is that estimator for a model whose task loss l is not differentiable (a 0-1
+error, an edit distance of decoded text) but has a differentiable surrogate l̃ (cross-entropy, MLE). Its
+proposal mixes a Gaussian around 0 with one around the surrogate step −∇l̃, so that a handful of candidates
+(4 in the paper) suffices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from fractions import Fraction
+from numbers import Real
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .._core.validate import check_choice, check_number, check_optional
+from .._core.wrapper import OptimizerWrapper
+from ..wrappers.gradient_penalty import closure_gradient
+from ._perturb import Directions, restore_, snapshot_low_precision
+
+__all__ = ["MGS", "sampling_step"]
+
+_NOISE_SCALES = ("uniform", "constant")
+_ASSIGNMENTS = ("alternate", "random")
+_Q_DENSITIES = ("reference", "none", "exact")
+_RESTORES = ("snapshot", "replay")
+
+# One validator per hyperparameter: used at construction, by the setters and on load_state_dict.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "candidates": lambda v: int(check_number("candidates", v, low=1, integer=True)),
+    "noise": lambda v: check_number("noise", v, low=0.0, low_open=True),
+    "beta": lambda v: check_number("beta", v, low=0.0),
+    "mix": lambda v: check_number("mix", v, low=0.0, high=1.0),
+    "noise_scale": lambda v: check_choice("noise_scale", v, _NOISE_SCALES),
+    "assignment": lambda v: check_choice("assignment", v, _ASSIGNMENTS),
+    "q_density": lambda v: check_choice("q_density", v, _Q_DENSITIES),
+    "max_grad_norm": lambda v: check_optional("max_grad_norm", v, low=0.0, low_open=True),
+    "restore": lambda v: check_choice("restore", v, _RESTORES),
+}
+
+
+def _log_weights(gains: torch.Tensor, log_q: torch.Tensor | None) -> torch.Tensor:
+    """log w_i = log_softmax_i(gain_i − log q_i), in float64: Σ w = 1 and nothing underflows."""
+    z = gains.double()
+    if log_q is not None:
+        z = z - log_q.double()
+    return torch.log_softmax(z, dim=0)
+
+
+def sampling_step(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    proposal_sampler: Callable[[int, torch.Generator | None], torch.Tensor],
+    log_q: Callable[[torch.Tensor], torch.Tensor] | None,
+    alpha: float,
+    n: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Δ* = E_p[Δ] for p(Δ) ∝ exp(−l(θ + Δ)/α), by self-normalised importance sampling (Su's unified view).
+
+    With Δ_1..Δ_n ~ q::
+
+        log w_i = log_softmax_i(−l(θ + Δ_i)/α − log q(Δ_i)),        Δ* ≈ Σ_i w_i Δ_i
+
+    (l(θ) and the normalisers of p and q cancel in the softmax). This is the update :class:`MGS` takes,
+    with α = 1/β and the task loss as l; here on an explicit batch of steps, for small problems and tests.
+    On a quadratic l = gᵀΔ + ½ΔᵀAΔ it recovers the Newton step −A⁻¹g for every α (p = N(−A⁻¹g, αA⁻¹)).
+
+    Args:
+        loss_fn: maps the steps, a tensor of shape ``(n, ...)``, to their losses l(θ + Δ_i), shape ``(n,)``.
+        proposal_sampler: ``proposal_sampler(n, generator)`` draws the ``(n, ...)`` steps from q.
+        log_q: ``log_q(steps)`` → ``(n,)``, log q up to a constant; ``None`` for a flat proposal
+            (uniform on a ball, or q = p's support where only the losses matter).
+        alpha: the temperature α > 0.
+        n: the number of samples, ≥ 1.
+        generator: passed to ``proposal_sampler`` (the global RNG is used only if the sampler does).
+
+    Returns:
+        Δ*, shape ``steps.shape[1:]``, in the steps' dtype (weights and sum in float64).
+    """
+    alpha = check_number("alpha", alpha, low=0.0, low_open=True)
+    n = int(check_number("n", n, low=1, integer=True))
+    steps = proposal_sampler(n, generator)
+    losses = loss_fn(steps)
+    log_w = _log_weights(-losses.double() / alpha, None if log_q is None else log_q(steps))
+    return torch.tensordot(log_w.exp(), steps.double(), dims=1).to(steps.dtype)
+
+
+def _hyper(name: str) -> property:
+    def get(self: "MGS") -> Any:
+        return self._hp[name]
+
+    def set_(self: "MGS", value: Any) -> None:
+        self._hp[name] = _CHECKS[name](value)
+
+    return property(get, set_, doc=f"``{name}`` (validated on assignment; see the class docstring).")
+
+
+def _is_mle(i: int, mix: float) -> bool:
+    """'alternate': candidate i is an MLE-component one iff ⌈(i+1)·π⌉ > ⌈i·π⌉, so the first k candidates
+    hold ⌈k·π⌉ of them (π = ½: even i, as in the reference). Exact rational arithmetic on repr(π)."""
+    pi = Fraction(repr(mix))
+    return math.ceil((i + 1) * pi) > math.ceil(i * pi)
+
+
+def _total(terms: list[torch.Tensor]) -> float:
+    """Σ of 0-d tensors, with one host sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for t in terms:
+        by_device[t.device].append(t)
+    return sum(float(torch.stack(ts).sum()) for ts in by_device.values())
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+
+
+class MGS(OptimizerWrapper):
+    r"""MLE-guided parameter search: a weighted random search on a task loss, guided by a surrogate gradient.
+
+    One step, with c(θ) = ``task_loss()`` (any metric, not differentiated) and l̃ the surrogate whose
+    gradient ``surrogate_closure`` computes::
+
+        1. ∇l̃ ← surrogate_closure()        (clipped to global norm max_grad_norm);  a = −∇l̃
+        2. c₀ = c(θ)
+        3. for i = 1..K:  ε_i = a + n_i  (MLE component, probability π = mix)
+                          ε_i = n_i      (zero component)
+           n_i = σ·s_T·z_i per tensor T, z_i ~ N(0, I), s_T = mean|a_T| ('uniform') or 1 ('constant')
+           c_i = c(θ + ε_i)
+        4. log w_i = log_softmax_i(β·(c₀ − c_i) − log q(ε_i))
+        5. Δ = Σ_i w_i ε_i;  .grad = −Δ (clipped to max_grad_norm);  inner.step()
+
+    This is Su's sampling estimate Δ* = E_p[Δ], p ∝ exp(−β·[c(θ+Δ) − c(θ)]) (α = 1/β), with the proposal
+    q = π·N(a, ·) + (1 − π)·N(0, ·): β → ∞ moves to the best candidate, β = 0 (with ``q_density='none'``)
+    to the plain mean of the candidates. With SGD at lr 1 the update is θ + Δ; AdamW (the reference's
+    choice) or any other inner optimizer treats −Δ as a gradient.
+
+    **Seed replay: no model copies, at most one copy of the parameters.** Each candidate is a seed of a
+    generator the wrapper owns: θ += ε_i in place, c_i = task_loss(), θ restored; once the weights are
+    known the ε_i are drawn again from their seeds, tensor by tensor and all candidates in lockstep, to
+    form −Δ. The surrogate gradient a is kept in the ``.grad`` tensors the closure produced (held apart
+    from the parameters while the candidates are scored) and −Δ is formed in place in them: neither a
+    nor Δ takes a buffer of its own. Memory beyond the parameters and their ``.grad``, with n the
+    searched parameters' size:
+
+    * ``restore='snapshot'`` (default): one exact copy of the searched parameters (1×n), which θ is
+      restored from after each candidate, bitwise in every dtype (a group at lr 0 stays put).
+    * ``restore='replay'``: none; θ −= ε_i with ε_i drawn once more from its seed (MeZO). 32/64-bit
+      parameters then carry the rounding of θ + ε − ε, a few ulp per candidate, as a random walk
+      (16-bit ones are still restored from copies of those tensors, where that rounding is large).
+
+    Either way a few temporaries of the largest parameter's size (the noise being drawn, Σ w_i z_i).
+    The reference keeps K + 1 deep copies of the model; the spec's lean form, a buffer for a and
+    one for Δ (2×n).
+
+    **Cost per step:** 1 forward + backward of the surrogate, K + 1 calls of ``task_loss``, and 2K
+    (``'replay'``: 3K) passes of noise generation over the searched parameters.
+
+    **Step contract.** ``step(surrogate_closure, task_loss)``, both required (``TypeError`` otherwise,
+    before anything changes):
+
+    * ``surrogate_closure()`` evaluates the differentiable loss at θ; it may call backward itself (the
+      usual torch closure) or return the loss and let the wrapper backpropagate it (as
+      :class:`~danlu.GradientPenalty`). It runs once per step, with gradients enabled, and the
+      wrapper clears the grads of the inner optimizer's parameters first.
+    * ``task_loss()`` returns the metric at the current parameters as a Python number or a
+      one-element tensor, lower is better. It runs K + 1 times per step under ``torch.no_grad()``, on
+      the same data each time (fix the batch, and put the model in eval mode inside it if dropout
+      must be off: the reference decodes with ``model.eval()``). A non-finite value raises
+      ``RuntimeError`` after the parameters are restored.
+
+    ``step`` returns the surrogate closure's loss (torch's convention); ``last_step`` holds the step's
+    numbers: ``{"task_loss": c₀, "candidate_losses": [c_i], "weights": [w_i], "mle": [bool]}`` (floats).
+
+    If ``task_loss`` raises or returns a non-finite value, or the surrogate gradient is not finite, the
+    step raises with every parameter back at θ (bitwise; with ``restore='replay'``, 32/64-bit ones to
+    the few ulp above), the inner optimizer and the generator untouched, and ``.grad`` holding the
+    (clipped) surrogate gradient.
+
+    Parameters searched: those in ``params`` (or all of the inner optimizer's, ``params=None``) that
+    have a surrogate gradient in this step; one whose ``.grad`` is None is neither perturbed nor
+    stepped. Parameters of the inner optimizer outside ``params`` are stepped on their (clipped)
+    surrogate gradient, unperturbed: MGS on a head, maximum likelihood on the body (Su's advice to
+    use derivative-free search on small parameter subsets).
+
+    Args:
+        params: the parameters to search over, an iterable of tensors (or of param-group dicts) that
+            the inner optimizer holds, or ``None`` for all of its parameters (also those of groups added
+            later).
+        optimizer: the inner ``torch.optim.Optimizer``; the wrapper shares its param groups (an lr
+            scheduler on the wrapper changes the inner lr) and nests its state dict.
+        candidates: K ≥ 1, the number of candidates per step (reference ``ggs_num_samples``: 4).
+        noise: σ > 0, the noise scale (reference ``ggs_noise``: 1.0).
+        beta: β ≥ 0, the inverse temperature 1/α (reference ``ggs_beta``: 100).
+        mix: π ∈ [0, 1], the probability of the MLE component (reference: ½; 1 is its ``mle_dist_only``
+            ablation, 0 its ``zero_dist_only``).
+        noise_scale: ``'uniform'`` (reference default: per tensor, σ·mean|a_T|) or ``'constant'`` (σ).
+            'uniform' vanishes where a does (a CE optimum): use 'constant' to search there.
+        assignment: ``'alternate'`` (deterministic: the first k candidates hold ⌈k·π⌉ MLE-component
+            ones; π = ½ gives the reference's even/odd) or ``'random'`` (each MLE with probability π,
+            from the wrapper's generator).
+        q_density: log q(ε) in the weights. ``'reference'``: the reference's unit-variance mixture
+            log[π·e^{−½‖ε−a‖²} + (1−π)·e^{−½‖ε‖²}] whatever σ and s_T are; ``'none'``: log q = 0;
+            ``'exact'``: the density of the proposal actually sampled (per-tensor variances (σ·s_T)²,
+            tensors with s_T = 0 left out). In high dimension 'exact' is dominated by the χ²
+            fluctuation of ‖z‖² (≈ 2e3 nats at d = 1e6, spec §5.2) and 'reference' is nearly constant,
+            so w ≈ softmax(β(c₀ − c_i)); use 'exact' for d ≲ 100 only.
+        max_grad_norm: clip the surrogate gradient (over all the inner optimizer's parameters) and
+            the final −Δ (over the searched ones) to this global norm (reference: 1.0); ``None``
+            disables both.
+        restore: ``'snapshot'`` (exact, one copy of the searched parameters) or ``'replay'`` (no
+            copy, a few ulp of drift per candidate); see above.
+        seed: seeds the wrapper's ``torch.Generator`` (saved in ``state_dict``; the global RNG is
+            neither used nor disturbed). Runs with the same seed take the same steps.
+
+    References:
+        Welleck & Cho, "MLE-guided parameter search for task loss minimization in neural sequence
+        modeling", AAAI 2021, arXiv:2006.03158 (code: github.com/wellecks/mgs, ``seq_level/gpt2/guided``);
+        Su Jianlin, kexue.fm/archives/7521 (the sampling view).
+
+    Deviations from the reference code:
+        * Weights in log space from β·(c₀ − c_i) directly; the reference forms log(exp(−c)) with
+          ``np.exp``, which underflows to 0 once c ≳ 745 (log → −inf, NaN weights), and clamps at 1e16.
+          log q by ``logaddexp``: the reference's float32 ``log(½e^{−½ε·ε} + …)`` is −inf once
+          ½‖ε‖² ≳ 104.
+        * Seed replay instead of K + 1 deep copies, and the surrogate gradient on the model itself.
+        * π is a hyperparameter (reference: ½, hard-coded in the density too); 'random' assignment and
+          'exact'/'none' densities are additions. The noise is drawn from per-seed generators, so
+          the random stream differs from ``torch.randn_like``.
+        * With a ``params`` subset the surrogate clip runs over all the inner optimizer's parameters
+          (the reference: all the model's, which are all searched) and the final clip over the
+          searched ones. Parameters without a surrogate gradient are skipped (the reference has none).
+        * A non-finite task loss or surrogate gradient is an error (the reference propagates NaN).
+    """
+
+    _hyper_keys = tuple(_CHECKS)
+
+    candidates = _hyper("candidates")
+    noise = _hyper("noise")
+    beta = _hyper("beta")
+    mix = _hyper("mix")
+    noise_scale = _hyper("noise_scale")
+    assignment = _hyper("assignment")
+    q_density = _hyper("q_density")
+    max_grad_norm = _hyper("max_grad_norm")
+    restore = _hyper("restore")
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None,
+        optimizer: torch.optim.Optimizer,
+        candidates: int = 4,
+        noise: float = 1.0,
+        beta: float = 100.0,
+        mix: float = 0.5,
+        *,
+        noise_scale: str = "uniform",
+        assignment: str = "alternate",
+        q_density: str = "reference",
+        max_grad_norm: float | None = 1.0,
+        restore: str = "snapshot",
+        seed: int = 0,
+    ) -> None:
+        given = dict(candidates=candidates, noise=noise, beta=beta, mix=mix, noise_scale=noise_scale,
+                     assignment=assignment, q_density=q_density, max_grad_norm=max_grad_norm,
+                     restore=restore)
+        hyper = {k: _CHECKS[k](v) for k, v in given.items()}
+        seed = int(check_number("seed", seed, low=0, high=2**64 - 1, integer=True))
+        super().__init__(optimizer)
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("MGS steps its inner optimizer from .grad without a closure; "
+                            "LBFGS re-evaluates a closure and is not supported")
+        self._hp = hyper
+        self._search = self._resolve_params(params)
+        self._generator = torch.Generator().manual_seed(seed)
+        self.last_step: dict[str, Any] | None = None
+
+    def _resolve_params(self, params: Iterable[Any] | None) -> list[torch.Tensor] | None:
+        if params is None:
+            return None
+        if isinstance(params, torch.Tensor):
+            raise TypeError("MGS params must be an iterable of tensors (or of param-group dicts) or None, "
+                            f"got a single {type(params).__name__}; wrap it in a list")
+        flat: list[Any] = []
+        for item in params:
+            if isinstance(item, dict):
+                group = item["params"]
+                flat.extend([group] if isinstance(group, torch.Tensor) else group)
+            else:
+                flat.append(item)
+        if not flat:
+            raise ValueError("MGS got an empty params list (an iterator the inner optimizer already "
+                             "consumed?); pass None to search all of the inner optimizer's parameters")
+        inner = {id(p) for p in self._params()}
+        seen: set[int] = set()
+        for i, p in enumerate(flat):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"MGS params[{i}] is a {type(p).__name__}, expected a tensor")
+            if id(p) not in inner:
+                raise ValueError(f"MGS params[{i}] (shape {tuple(p.shape)}) is not a parameter of the inner "
+                                 "optimizer; search over (a subset of) the parameters it steps")
+            if id(p) in seen:
+                raise ValueError(f"MGS params[{i}] (shape {tuple(p.shape)}) appears more than once")
+            seen.add(id(p))
+        return flat
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["wrapper"]["rng"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like :meth:`OptimizerWrapper.load_state_dict`, plus the generator; saved hyperparameters and
+        generator state are checked before anything changes."""
+        wrapper = state_dict.get("wrapper") if isinstance(state_dict, dict) else None
+        rng = None
+        if isinstance(wrapper, dict) and wrapper.get("type") == "MGS":
+            try:
+                for k, v in wrapper.get("hyper", {}).items():
+                    if k in _CHECKS:
+                        _CHECKS[k](v)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"MGS.load_state_dict: {err}") from err
+            rng = wrapper.get("rng")
+            mine = self._generator.get_state()
+            if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == mine.shape):
+                raise ValueError("MGS.load_state_dict: 'rng' must be the uint8 generator state "
+                                 f"of shape {tuple(mine.shape)} that MGS.state_dict() saves")
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self._generator.set_state(rng.cpu())
+
+    # --- the step ----------------------------------------------------------------------------------
+
+    def _noise(self, dirs: Directions, seed: int, scales: list[torch.Tensor]):
+        """(param, n_T) for candidate ``seed``: n_T = σ·s_T·z_T, one tensor at a time."""
+        for (p, z), s in zip(dirs.tensors(seed), scales):
+            yield p, z.mul_(s)
+
+    def _epsilons(self, dirs: Directions, seed: int, mle: bool, grads: list[torch.Tensor],
+                  scales: list[torch.Tensor]):
+        """(param, ε_T, n_T, ∇_T) with ε = a + n (MLE) or n, a = −∇."""
+        for (p, n), g in zip(self._noise(dirs, seed, scales), grads):
+            yield p, (n.sub(g) if mle else n), n, g
+
+    def _score(self, task_loss: Callable[[], Any], what: str) -> float:
+        value = task_loss()
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise TypeError(f"MGS: task_loss() must return a number or a one-element tensor, got a tensor "
+                                f"of shape {tuple(value.shape)} at {what}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"MGS: task_loss() must return a number, got {type(value).__name__} at {what}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise RuntimeError(f"MGS: task_loss() returned {value} at {what}; the parameters are restored "
+                               "and nothing was stepped")
+        return value
+
+    def _score_candidate(self, task_loss, dirs, seed, mle, grads, scales, omegas, snapshot):
+        """c(θ + ε) by perturbing in place and restoring; also Σω n·n and Σω n·∇ for log q."""
+        nn_terms: list[torch.Tensor] = []
+        ng_terms: list[torch.Tensor] = []
+        done = 0
+        try:
+            for (p, eps, n, g), w in zip(self._epsilons(dirs, seed, mle, grads, scales), omegas):
+                p.add_(eps)
+                done += 1
+                if w is not None:
+                    nn_terms.append(w * _dot(n, n))
+                    ng_terms.append(w * _dot(n, g))
+            return self._score(task_loss, f"candidate seed {seed}"), _total(nn_terms), _total(ng_terms)
+        finally:
+            if any(snap is None for snap in snapshot[:done]):
+                replay = self._epsilons(dirs, seed, mle, grads, scales)
+                for (p, eps, _, _), snap in zip(replay, snapshot[:done]):
+                    if snap is None:
+                        p.sub_(eps)
+            restore_(dirs.params[:done], snapshot[:done])
+
+    def _log_q(self, mle: list[bool], nn: list[float], ng: list[float], aa: float) -> torch.Tensor | None:
+        """log q(ε_i) up to a constant: log[π·e^{−½‖ε−a‖²} + (1−π)·e^{−½‖ε‖²}] with ω-weighted norms."""
+        if self.q_density == "none":
+            return None
+        pi = self.mix
+        log_pi = math.log(pi) if pi > 0 else -math.inf
+        log_1mpi = math.log1p(-pi) if pi < 1 else -math.inf
+        # a = −∇. MLE candidate ε = a + n: ‖ε − a‖² = ‖n‖², ‖ε‖² = ‖a‖² − 2n·∇ + ‖n‖².
+        # Zero candidate ε = n:           ‖ε − a‖² = ‖a‖² + 2n·∇ + ‖n‖², ‖ε‖² = ‖n‖².
+        to_mle = torch.tensor([n2 if m else aa + 2 * g + n2 for m, n2, g in zip(mle, nn, ng)], dtype=torch.float64)
+        to_zero = torch.tensor([aa - 2 * g + n2 if m else n2 for m, n2, g in zip(mle, nn, ng)], dtype=torch.float64)
+        return torch.logaddexp(log_pi - 0.5 * to_mle, log_1mpi - 0.5 * to_zero)
+
+    @torch.no_grad()
+    def step(self, surrogate_closure: Callable[[], Any] | None = None,  # type: ignore[override]
+             task_loss: Callable[[], Any] | None = None) -> Any:
+        """One MGS step; returns the surrogate closure's loss (see the class docstring).
+
+        Args:
+            surrogate_closure: required; evaluates the differentiable surrogate loss at θ (with or
+                without calling backward itself).
+            task_loss: required; returns the task metric at the current parameters (no gradient).
+        """
+        if surrogate_closure is None or not callable(surrogate_closure):
+            raise TypeError("MGS.step needs a surrogate closure that evaluates the differentiable loss "
+                            "(and may call backward), and task_loss: "
+                            f"opt.step(surrogate_closure, task_loss); got closure {surrogate_closure!r}")
+        if task_loss is None or not callable(task_loss):
+            raise TypeError("MGS.step needs task_loss, a callable returning the task metric at the current "
+                            f"parameters: opt.step(surrogate_closure, task_loss); got {task_loss!r}")
+        if getattr(self.optimizer, "_fused", False):
+            raise RuntimeError("MGS cannot wrap an optimizer whose fuse_into_backward() hooks are active; "
+                               "remove them (handle.remove()) first")
+        trainable = [p for p in self._params() if p.requires_grad]
+        searched = trainable if self._search is None else [p for p in self._search if p.requires_grad]
+        if any(p.is_complex() for p in searched):
+            raise TypeError("MGS does not support complex parameters (real Gaussian perturbations)")
+
+        loss = closure_gradient(surrogate_closure, trainable)
+        with_grad = [p for p in trainable if p.grad is not None]
+        if any(p.grad.is_sparse for p in with_grad):
+            raise RuntimeError("MGS does not support sparse gradients (it perturbs parameters densely)")
+        grads_all = [p.grad for p in with_grad]
+        total = torch.nn.utils.get_total_norm(grads_all)
+        if not math.isfinite(float(total)):
+            raise RuntimeError(f"MGS: the surrogate gradient is not finite (norm {float(total)}); "
+                               "nothing was changed")
+        if self.max_grad_norm is not None and grads_all:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.max_grad_norm, total)
+
+        active = [p for p in searched if p.grad is not None]
+        if not active:
+            self.last_step = None
+            self.optimizer.step()
+            return loss
+        grads = [p.grad for p in active]
+        # The surrogate gradients (a = −∇ for the searched params) are held here while the candidates
+        # are scored, out of reach of a task_loss that zeroes or accumulates .grad.
+        held = [(p, p.grad) for p in with_grad]
+        rng_state = self._generator.get_state()
+        for p in with_grad:
+            p.grad = None
+        try:
+            log_w, mle, seeds, scales, info = self._search_step(task_loss, active, grads)
+        except BaseException:
+            self._generator.set_state(rng_state)
+            raise
+        finally:
+            for p, g in held:
+                p.grad = g
+
+        # −Δ = −Σ w_i ε_i = (Σ_{MLE} w_i)·∇ − Σ_i w_i n_i, formed in place in the gradient buffers.
+        w = log_w.exp().tolist()
+        w_mle = sum(wi for wi, m in zip(w, mle) if m)
+        dirs = Directions(active)
+        streams = [self._noise(dirs, s, scales) for s in seeds]
+        for p, g, draws in zip(active, grads, zip(*streams)):
+            acc = draws[0][1].mul_(w[0])
+            for (_, n), wi in zip(draws[1:], w[1:]):
+                acc.add_(n, alpha=wi)
+            g.mul_(w_mle).sub_(acc)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(active, self.max_grad_norm)
+        self.optimizer.step()
+        self.last_step = {**info, "weights": w, "mle": mle}
+        return loss
+
+    def _search_step(self, task_loss, active, grads):
+        """Score c₀ and the K candidates; return (log w, mle flags, seeds, per-tensor noise scales, info)."""
+        sigma = self.noise
+        if self.noise_scale == "uniform":
+            scales = [sigma * torch.sum(g.abs(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+                      / max(g.numel(), 1) for g in grads]
+        else:
+            scales = [torch.tensor(sigma, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32,
+                                   device=g.device) for g in grads]
+        if self.q_density == "none":
+            omegas: list[Any] = [None] * len(active)
+        elif self.q_density == "reference":
+            omegas = [1.0] * len(active)
+        else:  # 'exact': ‖·‖² in units of each tensor's noise variance; noise-free tensors drop out
+            omegas = [torch.where(s > 0, 1.0 / s.double().square(), 0.0) for s in scales]
+        aa = _total([w * _dot(g, g) for g, w in zip(grads, omegas) if w is not None])
+
+        if self.restore == "snapshot":
+            snapshot: list[torch.Tensor | None] = [p.detach().clone() for p in active]
+        else:
+            snapshot = snapshot_low_precision(active)
+        c0 = self._score(task_loss, "θ (c₀)")
+        k = self.candidates
+        # Below 2³²: the CPU generator (mt19937) keeps only the low 32 bits of a seed, so wider seeds
+        # would only add collisions between candidates that differ above bit 32.
+        seeds = torch.randint(0, 2**32, (k,), generator=self._generator).tolist()
+        if self.assignment == "alternate":
+            mle = [_is_mle(i, self.mix) for i in range(k)]
+        else:
+            mle = (torch.rand(k, generator=self._generator, dtype=torch.float64) < self.mix).tolist()
+        dirs = Directions(active)
+        costs, nn, ng = [], [], []
+        for seed, m in zip(seeds, mle):
+            c, n2, ng_ = self._score_candidate(task_loss, dirs, seed, m, grads, scales, omegas, snapshot)
+            costs.append(c)
+            nn.append(n2)
+            ng.append(ng_)
+        # β·(c₀ − c_i) in float64; a product beyond the float64 range saturates (ties stay ties).
+        big = torch.finfo(torch.float64).max
+        gains = (self.beta * (c0 - torch.tensor(costs, dtype=torch.float64))).clamp(-big, big)
+        log_w = _log_weights(gains, self._log_q(mle, nn, ng, aa))
+        return log_w, mle, seeds, scales, {"task_loss": c0, "candidate_losses": costs}
