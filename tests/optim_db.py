@@ -504,6 +504,10 @@ def _mgs_step(opt: torch.optim.Optimizer, closure: Callable) -> Any:
     return opt.step(closure, task_loss)
 
 
+_MGS_DRIFT = ("MGS's default restore='replay' (no model copy) undoes each candidate by subtraction: in "
+              "float32 that leaves a few ulp of rounding, so a group at lr ~0 is not bitwise still; the "
+              "'snapshot' variant checks the exact contract and tests/test_mgs.py bounds the drift")
+
 MGS_SPECS = _wrapper_specs(
     danlu.MGS,
     # max_grad_norm 0.3: |Δ| ≤ 0.3 keeps torch.optim.SGD's undamped momentum (0.9, lr 0.3) stable.
@@ -516,10 +520,18 @@ MGS_SPECS = _wrapper_specs(
         Bad({"mix": 1.5}, ValueError, r"^Invalid mix: 1\.5 \(expected a number in \[0, 1\]\)$", in_group=False),
         Bad({"q_density": "sigma"}, ValueError, r"^Invalid q_density: 'sigma' ", in_group=False),
     ],
-    variants={"SGDM": {"random_exact": dict(assignment="random", q_density="exact", noise_scale="constant", noise=0.05)}},
+    variants={"SGDM": {
+        "random_exact": dict(assignment="random", q_density="exact", noise_scale="constant", noise=0.05),
+        # restore='snapshot' restores θ bitwise, so the lr-0 contract holds exactly (see _MGS_DRIFT).
+        "snapshot": dict(restore="snapshot"),
+    }},
     requires_closure=True,
     step_with=_mgs_step,
     skips={label: {
+        "test_tiny_lr_group_does_not_move/default": _MGS_DRIFT,
+        "test_scheduler_zero_lr_stops_movement/default": _MGS_DRIFT,
+        **({"test_tiny_lr_group_does_not_move/random_exact": _MGS_DRIFT,
+            "test_scheduler_zero_lr_stops_movement/random_exact": _MGS_DRIFT} if label == "SGDM" else {}),
         "test_nonfinite_grad_shows_in_params": (
             "MGS refuses a non-finite surrogate gradient (RuntimeError before anything moves): every "
             "candidate built from it would be non-finite; tests/test_mgs.py checks the refusal"),

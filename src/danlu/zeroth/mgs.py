@@ -154,11 +154,12 @@ class MGS(OptimizerWrapper):
     nor Δ takes a buffer of its own. Memory beyond the parameters and their ``.grad``, with n the
     searched parameters' size:
 
-    * ``restore='snapshot'`` (default): one exact copy of the searched parameters (1×n), which θ is
-      restored from after each candidate, bitwise in every dtype (a group at lr 0 stays put).
-    * ``restore='replay'``: none; θ −= ε_i with ε_i drawn once more from its seed (MeZO). 32/64-bit
-      parameters then carry the rounding of θ + ε − ε, a few ulp per candidate, as a random walk
-      (16-bit ones are still restored from copies of those tensors, where that rounding is large).
+    * ``restore='replay'`` (default, no model copy): θ −= ε_i with ε_i drawn once more from its seed
+      (MeZO). 32/64-bit parameters then carry the rounding of θ + ε − ε, a few ulp per candidate, as
+      a random walk (16-bit ones are restored from copies of those tensors, where that rounding is
+      large).
+    * ``restore='snapshot'``: one exact copy of the searched parameters (1×n), which θ is restored
+      from after each candidate, bitwise in every dtype (a group at lr 0 stays put).
 
     Either way a few temporaries of the largest parameter's size (the noise being drawn, Σ w_i z_i).
     The reference keeps K + 1 deep copies of the model; the spec's lean form, a buffer for a and
@@ -269,7 +270,7 @@ class MGS(OptimizerWrapper):
         assignment: str = "alternate",
         q_density: str = "reference",
         max_grad_norm: float | None = 1.0,
-        restore: str = "snapshot",
+        restore: str = "replay",
         seed: int = 0,
     ) -> None:
         given = dict(candidates=candidates, noise=noise, beta=beta, mix=mix, noise_scale=noise_scale,
