@@ -1,7 +1,9 @@
 """danlu (丹炉): PyTorch optimizers from Su Jianlin's optimizer essays.
 
-Adaptive optimizers (Lion, Tiger, AdaX, Adafactor, Amos) built on :class:`torch.optim.Optimizer`,
-and Su's hyperparameter recipes (AdamW → Lion, scale-aware lr and weight decay).
+Adaptive optimizers (Lion, Tiger, AdaX, Adafactor, Amos), training dynamics (SGDM and AdamW with
+accumulation inside the momentum, exponentiated gradient, EG step sizes, gradient penalty, flooding)
+and derivative-free optimizers (ZeroOrder, MGS), all :class:`torch.optim.Optimizer` subclasses, plus
+Su's hyperparameter recipes and a registry (``create_optimizer``, ``list_optimizers``).
 """
 
 from .optim.adafactor import Adafactor
@@ -11,6 +13,7 @@ from .optim.amos import Amos, amos_groups
 from .optim.egd import EGD
 from .optim.lion import Lion, Tiger
 from .optim.sgdm import SGDM
+from .registry import create_optimizer, list_optimizers
 from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
@@ -35,9 +38,11 @@ __all__ = sorted(
         "Tiger",
         "ZeroOrder",
         "amos_groups",
+        "create_optimizer",
         "flood",
         "igr_strength",
         "lion_from_adamw",
+        "list_optimizers",
         "reinforce_loss",
         "sampling_step",
         "scale_aware_groups",
