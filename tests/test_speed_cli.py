@@ -1,0 +1,57 @@
+"""`danlu speed`: a smoke run with a tiny budget, its JSON, and its one-line errors (exit status 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from danlu.bench.cli import main
+from danlu.bench.speed import _state_bytes, run_speed, transformer_shapes
+
+
+def test_speed_json_schema(capsys):
+    assert main(["speed", "--params", "2e6", "--repeats", "2", "--optimizers", "lion,amos,adafactor", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in out["results"]]
+    assert names[0] == "torch-adamw-fused" and set(names[1:]) == {"lion", "amos", "adafactor"}
+    for r in out["results"]:
+        assert set(r) == {"name", "median_ms", "ratio_to_fused_adamw", "state_bytes_per_param"}
+        assert r["median_ms"] > 0 and r["ratio_to_fused_adamw"] > 0
+    bpp = {r["name"]: r["state_bytes_per_param"] for r in out["results"]}
+    assert bpp["torch-adamw-fused"] == pytest.approx(8.0, rel=1e-3)  # exp_avg + exp_avg_sq in fp32 (+ steps)
+    assert bpp["lion"] == pytest.approx(4.0)
+    assert bpp["amos"] < 0.25 and bpp["adafactor"] < 0.5  # factored state (vs 8 for AdamW)
+
+
+def test_state_bytes_counts_wrapper_and_inner():
+    res = {r.name: r for r in run_speed(["adamw", "eg-step-size"], n_params=1e5, repeats=1, warmup=1)}
+    assert res["eg-step-size"].state_bytes_per_param > res["adamw"].state_bytes_per_param
+
+
+def test_transformer_shapes_hit_the_target():
+    for n in (1e5, 1e6, 3e7):
+        total = sum(torch.Size(s).numel() for s in transformer_shapes(n))
+        assert 0.8 * n < total < 1.2 * n
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["speed", "--optimizers", "lamb"], "unknown optimizer(s) lamb; known:"),
+        (["speed", "--params", "-1"], "expected a positive number"),
+        (["speed", "--repeats", "x"], "expected an integer"),
+        (["compare-nothing"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "danlu", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert proc.stdout == ""
+
+
+def test_state_bytes_of_a_fresh_optimizer_is_zero():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert _state_bytes(torch.optim.AdamW([p])) == 0
