@@ -1,4 +1,4 @@
-# `make test`: create .venv if missing, install torch (CPU build pinned) and danlu[test], run the suite.
+# `make test`: create .venv if missing, install torch (CPU build pinned) and danlu[test,bench], run the suite.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
