@@ -1,4 +1,4 @@
-"""The ``danlu`` command line: ``danlu speed`` (``python -m danlu speed``).
+"""The ``danlu`` command line: ``danlu compare`` and ``danlu speed`` (also ``python -m danlu ...``).
 
 Errors in the arguments (an unknown optimizer, a bad number) print one line and exit with status 2.
 """
@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import __version__
+from .tasks import TASKS
 from .speed import baselines, default_names, format_table, results_json, run_speed, transformer_shapes
 
-__all__ = ["main"]
+__all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS"]
+
+DEFAULT_TASKS = ("digits", "charlm")
+DEFAULT_OPTIMIZERS = ("adamw", "lion", "adax", "adafactor", "amos")
+QUICK_STEPS = {"digits": 600, "charlm": 300}  # the no-argument suite: ≤ 5 minutes on 2 CPU cores
+AUTO_FACTORS = (1 / 3, 1.0, 3.0)  # --lrs auto: the task's default lr for the optimizer times these
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -58,6 +70,33 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", default="cpu")
     speed.add_argument("--repeats", type=_positive_int, default=10, help="timed rounds (default 10)")
     speed.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    compare = sub.add_parser(
+        "compare",
+        help="train optimizers on real tasks, sweep the lr, and write a report",
+        description="For each task x optimizer, sweep the learning rates, pick the best by mean final val "
+        "loss over seeds (diverged runs excluded), and report mean ± std, steps to target, time per step "
+        "and optimizer-state bytes per parameter. Writes report.md, PNG plots and results.json into --out. "
+        f"With no --task: the default suite ({', '.join(DEFAULT_TASKS)} x {', '.join(DEFAULT_OPTIMIZERS)}) "
+        "on a quick budget and 1 seed.",
+    )
+    compare.add_argument("--task", nargs="+", default=None, metavar="TASK",
+                         help=f"one or more of {', '.join(TASKS)} (default: {' '.join(DEFAULT_TASKS)})")
+    compare.add_argument("--optimizers", default=None,
+                         help="comma-separated names (default: " + ",".join(DEFAULT_OPTIMIZERS)
+                         + ", those that suit each task; a task none of them suits uses all it suits)")
+    compare.add_argument("--steps", type=int, default=None,
+                         help="steps per run (default: each task's default budget; the quick budget "
+                         "of the default suite when no --task is given)")
+    compare.add_argument("--seeds", type=int, default=None,
+                         help="seeds per lr (default 3; 1 for the default suite)")
+    compare.add_argument("--lrs", default="auto",
+                         help="'auto' (default: each optimizer's default lr for the task times 1/3, 1 and 3) "
+                         "or a comma-separated list of numbers")
+    compare.add_argument("--out", default="danlu-report",
+                         help="output directory (default danlu-report); it must not exist, be empty, or "
+                         "hold an earlier danlu report, which is replaced")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar and no leaderboard")
     return parser
 
 
@@ -83,11 +122,128 @@ def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _is_earlier_report(path: Path) -> bool:
+    from .report import MARKER
+
+    try:
+        return json.loads((path / "results.json").read_text(encoding="utf-8")).get("generator") == MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[Any, str, float, int, int]]:
+    """Validate the arguments (parser.error: one line, exit 2) and return the runs to do:
+    (task, optimizer, lr, seed, steps)."""
+    from ..registry import list_optimizers
+
+    suite = args.task is None
+    names = list(DEFAULT_TASKS) if suite else [t.strip().lower() for t in args.task if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        parser.error(f"unknown task(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(TASKS)}")
+    tasks = [TASKS[n] for n in dict.fromkeys(names)]
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be an integer ≥ 1, got {args.steps}")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be an integer ≥ 1, got {args.seeds}")
+    seeds = args.seeds or (1 if suite else 3)
+    explicit_lrs = None
+    if args.lrs.strip().lower() != "auto":
+        try:
+            explicit_lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--lrs must be 'auto' or a comma-separated list of numbers, got {args.lrs!r}")
+        if not explicit_lrs or not all(math.isfinite(x) and x > 0 for x in explicit_lrs):
+            parser.error(f"--lrs must be 'auto' or a comma-separated list of positive numbers, got {args.lrs!r}")
+    if args.optimizers is not None:
+        opts = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+        known = list_optimizers()
+        bad = [o for o in opts if o not in known]
+        if bad or not opts:
+            parser.error(f"unknown optimizer(s) {', '.join(bad) or '(none given)'}; known: {', '.join(known)}")
+        for task in tasks:
+            unsuited = [o for o in opts if o not in task.suits]
+            if unsuited:
+                parser.error(f"optimizer(s) {', '.join(unsuited)} not supported on task {task.name!r}; "
+                             f"it supports: {', '.join(task.suits)}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_earlier_report(out))):
+        parser.error(f"output directory {str(out)!r} exists and holds something other than a danlu report; "
+                     "choose another --out")
+    plan = []
+    for task in tasks:
+        if args.optimizers is not None:
+            task_opts = opts
+        else:
+            task_opts = [o for o in DEFAULT_OPTIMIZERS if o in task.suits] or list(task.suits)
+        steps = args.steps or (QUICK_STEPS.get(task.name, task.default_steps) if suite else task.default_steps)
+        for opt in task_opts:
+            lrs = explicit_lrs or [task.default_lr(opt) * f for f in AUTO_FACTORS]
+            for lr in lrs:
+                for seed in range(seeds):
+                    plan.append((task, opt, float(f"{lr:.6g}"), seed, steps))
+    return plan
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .loop import run
+    from .report import format_leaderboard, write_report
+
+    plan = _compare_plan(args, parser)
+    out = Path(args.out)
+    config = {"tasks": list(dict.fromkeys(p[0].name for p in plan)),
+              "optimizers": list(dict.fromkeys(p[1] for p in plan)),
+              "steps": {p[0].name: p[4] for p in plan}, "seeds": max(p[3] for p in plan) + 1,
+              "lrs": args.lrs, "auto_factors": list(AUTO_FACTORS)}
+    results = []
+    total = sum(p[4] for p in plan)
+    start = time.perf_counter()
+    progress = None
+    if not args.quiet:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        progress.start()
+        bar = progress.add_task("compare", total=total)
+    try:
+        for task, opt, lr, seed, steps in plan:
+            if progress is not None:
+                progress.update(bar, description=f"{task.name} {opt} lr={lr:g} seed={seed}")
+            results.append(run(task, opt, lr, seed, steps))
+            if progress is not None:
+                progress.advance(bar, steps)
+    finally:
+        if progress is not None:
+            progress.stop()
+    config["wall_seconds"] = round(time.perf_counter() - start, 2)
+    # Write into a fresh directory beside --out, then move it into place: never a half-written report.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        summaries = write_report(tmp, results, config)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not args.quiet:
+        print(format_leaderboard(summaries))
+        print()
+    print(f"report: {out / 'report.md'} ({len(results)} runs in {config['wall_seconds']:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "speed":
         return _speed(args, parser)
+    if args.command == "compare":
+        return _compare(args, parser)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover (argparse refuses first)
     return 2
 

@@ -1,0 +1,131 @@
+"""One training loop for ``danlu compare``: a task, an optimizer, an lr and a seed → a :class:`RunResult`.
+
+The loop is deliberately plain::
+
+    problem = task.build(seed)
+    opt = create_optimizer(name, problem.params, lr=lr)
+    for step in range(steps):
+        loss = <one optimizer step on problem.train_loss(step)>
+        if problem.project is not None: problem.project()
+        if not finite(loss): mark diverged, stop
+        every eval_every steps (and at the end): record problem.evaluate()["val_loss"]
+
+How a step is taken depends on the optimizer: ``zero-order`` gets a closure that returns the loss
+without calling backward (it estimates the gradient from forward passes); ``mgs`` gets a surrogate
+closure (zero_grad, loss, backward) and the task's zero-one ``task_loss``; every other optimizer is
+stepped from ``.grad`` (zero_grad, backward, step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..registry import create_optimizer
+from .speed import _state_bytes
+from .tasks import Problem, Task
+
+__all__ = ["RunResult", "run"]
+
+
+@dataclass
+class RunResult:
+    """One run. ``curve`` is [(step, val_loss), ...] (steps counted after the update); ``final`` the last
+    ``evaluate()`` metrics (empty when diverged); ``train_losses`` the minibatch loss per step."""
+
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    steps: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    diverged: bool = False
+    steps_done: int = 0
+    seconds_per_step: float = float("nan")
+    state_bytes_per_param: float = float("nan")
+
+    @property
+    def final_val_loss(self) -> float:
+        return float("nan") if self.diverged else self.final.get("val_loss", float("nan"))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["curve"] = [[s, _finite_or_none(v)] for s, v in self.curve]
+        out["train_losses"] = [_finite_or_none(v) for v in self.train_losses]
+        out["final"] = {k: _finite_or_none(v) for k, v in self.final.items()}
+        out["seconds_per_step"] = _finite_or_none(self.seconds_per_step)
+        out["state_bytes_per_param"] = _finite_or_none(self.state_bytes_per_param)
+        return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) -> float:
+    """One optimizer step on ``problem.train_loss(step)``; returns that step's loss as a float."""
+    if name == "zero-order":
+        with torch.no_grad():
+            loss = opt.step(lambda: problem.train_loss(step))
+    elif name == "mgs":
+        if problem.task_loss is None:
+            raise ValueError("mgs needs a task with a task_loss (e.g. zero-one)")
+
+        def surrogate() -> torch.Tensor:
+            opt.zero_grad()
+            value = problem.train_loss(step)
+            value.backward()
+            return value
+
+        loss = opt.step(surrogate, problem.task_loss)
+    else:
+        opt.zero_grad()
+        loss = problem.train_loss(step)
+        loss.backward()
+        opt.step()
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+
+def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_every: int | None = None) -> RunResult:
+    """Train ``task.build(seed)`` with ``optimizer_name`` at ``lr`` for ``steps`` steps.
+
+    ``eval_every`` (default: about 20 points per curve) sets how often the val loss is recorded; the
+    last step is always evaluated. A non-finite training or val loss stops the run and sets ``diverged``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    eval_every = eval_every or max(1, steps // 20)
+    name = optimizer_name.lower()
+    result = RunResult(task.name, name, float(lr), int(seed), int(steps))
+    problem = task.build(seed)
+    opt = create_optimizer(name, problem.params, lr=lr)
+    train_time = 0.0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss = _step(opt, name, problem, step)
+        if problem.project is not None:
+            problem.project()
+        train_time += time.perf_counter() - t0
+        result.train_losses.append(loss)
+        result.steps_done = step + 1
+        if not math.isfinite(loss):
+            result.diverged = True
+            break
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            metrics = problem.evaluate()
+            result.curve.append((step + 1, metrics["val_loss"]))
+            if not math.isfinite(metrics["val_loss"]):
+                result.diverged = True
+                break
+            if step + 1 == steps:
+                result.final = metrics
+    result.seconds_per_step = train_time / max(1, result.steps_done)
+    n_params = sum(p.numel() for p in problem.params)
+    result.state_bytes_per_param = _state_bytes(opt) / n_params
+    return result
