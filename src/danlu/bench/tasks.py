@@ -31,7 +31,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -133,18 +133,23 @@ def _standardize(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std.clamp_min(1e-3)
 
 
+def _sklearn_split(loader: Any, n_val: int, name: str, y_dtype: torch.dtype):
+    """A scikit-learn bundled data set, standardized on its train split: (x_train, y_train, x_val, y_val)."""
+    data = loader()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=y_dtype)
+    train, val = _split(len(y), n_val, name)
+    x = _standardize(x, train)
+    return x[train], y[train], x[val], y[val]
+
+
 # --------------------------------------------------------------------------- digits
 
 
 def _build_digits(seed: int) -> Problem:
     from sklearn.datasets import load_digits
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
-    train, val = _split(len(y), 360, "digits")
-    x = _standardize(x, train)
-    xt, yt, xv, yv = x[train], y[train], x[val], y[val]
+    xt, yt, xv, yv = _sklearn_split(load_digits, 360, "digits", torch.long)
     with _seeded_init("digits", seed, "init"):
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -305,14 +310,9 @@ def _build_zero_one(seed: int) -> Problem:
     """Full batch: train_loss is the logistic (cross-entropy) surrogate, task_loss the 0-1 error."""
     from sklearn.datasets import load_breast_cancer
 
-    data = load_breast_cancer()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.float32)
-    train, val = _split(len(y), 114, "zero-one")
-    x = _standardize(x, train)
-    xt, yt, xv, yv = x[train], y[train], x[val], y[val]
+    xt, yt, xv, yv = _sklearn_split(load_breast_cancer, 114, "zero-one", torch.float32)
     with _seeded_init("zero-one", seed, "init"):
-        model = nn.Linear(x.shape[1], 1)
+        model = nn.Linear(xt.shape[1], 1)
 
     def logits(inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs).squeeze(-1)
