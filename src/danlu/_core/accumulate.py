@@ -110,10 +110,7 @@ class AccumulatingOptimizer(DanluOptimizer):
         an lr scheduler only when :attr:`is_update_step` is true: schedules and bias corrections count
         updates, not micro-steps.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         work = self._check_grads()
         t = self._micro_step + 1
         for p, group in work:

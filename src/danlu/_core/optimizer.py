@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["DanluOptimizer", "ParamsT"]
+__all__ = ["DanluOptimizer", "ParamsT", "init_moments"]
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -25,6 +25,13 @@ _TAG = "danlu_optimizer"
 # Keys that torch itself may add to a group or to ``defaults`` (lr schedulers, named parameters,
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
+
+
+def init_moments(p: torch.Tensor, state: dict[str, Any]) -> None:
+    """Adam-style state: a 0-d float64 update counter and two moment buffers shaped like ``p``."""
+    state["step"] = torch.zeros((), dtype=torch.float64)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class DanluOptimizer(torch.optim.Optimizer):
@@ -79,6 +86,14 @@ class DanluOptimizer(torch.optim.Optimizer):
                 work.append((p, group))
         return work
 
+    @staticmethod
+    def _run_closure(closure: Callable[[], Any] | None) -> Any:
+        """Run the optional closure with gradients enabled (``step`` runs under ``no_grad``)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
@@ -87,10 +102,7 @@ class DanluOptimizer(torch.optim.Optimizer):
             closure: optional callable that re-evaluates the model and returns the loss; it runs
                 with gradients enabled before the update.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         for p, group in self._check_grads():
             state = self.state[p]
             if len(state) == 0:

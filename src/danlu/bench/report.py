@@ -172,6 +172,15 @@ def environment() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def _save(plt: Any, fig: Any, ax: Any, out: Path, name: str) -> str:
+    """Legend, layout, write ``out/name`` as PNG, close the figure; returns ``name``."""
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
 def _plots(summaries: list[Summary], task: str, out: Path) -> list[str]:
     import matplotlib
 
@@ -187,12 +196,7 @@ def _plots(summaries: list[Summary], task: str, out: Path) -> list[str]:
     ax.set(xlabel="step", ylabel="val loss", title=f"{task}: val loss at the best lr (mean over seeds)")
     if any(c[1] > 0 for s in rows for c in s.curve):
         ax.set_yscale("log")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    name = f"{task}-curves.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(plt, fig, ax, out, f"{task}-curves.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     finite = [sc.mean for s in rows for sc in s.lrs if not sc.diverged]
@@ -208,12 +212,7 @@ def _plots(summaries: list[Summary], task: str, out: Path) -> list[str]:
         ax.set_yscale("log")
     ax.set(xlabel="learning rate", ylabel="final val loss (mean over seeds)",
            title=f"{task}: lr sensitivity (x = diverged)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    name = f"{task}-lr.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(plt, fig, ax, out, f"{task}-lr.png"))
     return files
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .._core.accumulate import AccumulatingOptimizer
 from .._core.numerics import decoupled_decay_
-from .._core.optimizer import ParamsT
+from .._core.optimizer import ParamsT, init_moments
 from .._core.validate import check_betas, check_number
 
 __all__ = ["AdamW"]
@@ -73,9 +73,7 @@ class AdamW(AccumulatingOptimizer):
         check_number("weight_decay", group["weight_decay"], low=0.0)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float64)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_moments(p, state)
         self._init_accum_state(state)
 
     def _absorb(self, p, grad, state, group, first) -> None:  # type: ignore[no-untyped-def]

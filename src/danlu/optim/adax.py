@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._core.numerics import decoupled_decay_
-from .._core.optimizer import DanluOptimizer, ParamsT
+from .._core.optimizer import DanluOptimizer, ParamsT, init_moments
 from .._core.validate import check_betas, check_number
 
 __all__ = ["AdaX", "adax_update", "adax_beta_hat"]
@@ -106,9 +106,7 @@ class AdaX(DanluOptimizer):
         check_number("weight_decay", group["weight_decay"], low=0.0)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float64)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_moments(p, state)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
