@@ -19,15 +19,17 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .experiments import EXPERIMENT_NAMES
 from .tasks import TASKS
 from .speed import baselines, default_names, format_table, results_json, run_speed, transformer_shapes
 
-__all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS"]
+__all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS", "AUTO_EXTENSIONS"]
 
 DEFAULT_TASKS = ("digits", "charlm")
 DEFAULT_OPTIMIZERS = ("adamw", "lion", "adax", "adafactor", "amos")
 QUICK_STEPS = {"digits": 600, "charlm": 300}  # the no-argument suite: ≤ 5 minutes on 2 CPU cores
 AUTO_FACTORS = (1 / 3, 1.0, 3.0)  # --lrs auto: the task's default lr for the optimizer times these
+AUTO_EXTENSIONS = 2  # --lrs auto: while the best lr is at an end of the grid, add the next one (at most this many)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -91,11 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=None,
                          help="seeds per lr (default 3; 1 for the default suite)")
     compare.add_argument("--lrs", default="auto",
-                         help="'auto' (default: each optimizer's default lr for the task times 1/3, 1 and 3) "
-                         "or a comma-separated list of numbers")
+                         help="'auto' (default: each optimizer's default lr for the task times 1/3, 1 and 3, "
+                         f"extended by one more factor of 3 while the best lr is at an end of the grid, at most "
+                         f"{AUTO_EXTENSIONS} times) or a comma-separated list of numbers")
     compare.add_argument("--out", default="danlu-report",
                          help="output directory (default danlu-report); it must not exist, be empty, or "
                          "hold an earlier danlu report, which is replaced")
+    compare.add_argument("--experiment", nargs="+", default=None, metavar="NAME",
+                         help="run one or more of the essays' claims as fixed protocols instead of a sweep "
+                         f"({', '.join(EXPERIMENT_NAMES)}, or 'all'); --steps and --seeds override the "
+                         "protocol's budget; --task, --optimizers and --lrs do not apply")
     compare.add_argument("--quiet", action="store_true", help="no progress bar and no leaderboard")
     return parser
 
@@ -131,9 +138,72 @@ def _is_earlier_report(path: Path) -> bool:
         return False
 
 
-def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[Any, str, float, int, int]]:
-    """Validate the arguments (parser.error: one line, exit 2) and return the runs to do:
-    (task, optimizer, lr, seed, steps)."""
+def _check_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_earlier_report(out))):
+        parser.error(f"output directory {str(out)!r} exists and holds something other than a danlu report; "
+                     "choose another --out")
+
+
+class _Progress:
+    """A rich progress bar with an ETA over ``total`` units on stderr, or nothing when ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self._bar = None
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._id = self._bar.add_task("compare", total=total)
+
+    def __enter__(self) -> "_Progress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def describe(self, description: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._id, description=description)
+
+    def add(self, units: int) -> None:
+        """Grow the total (work discovered on the way, e.g. an lr grid extended at its edge)."""
+        if self._bar is not None:
+            self._bar.update(self._id, total=self._bar.tasks[0].total + units)
+
+    def advance(self, units: int, description: str | None = None) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._id, units)
+            if description is not None:
+                self._bar.update(self._id, description=description)
+
+
+def _write_atomically(out: Path, write: Any) -> Any:
+    """Call ``write(tmp)`` on a fresh directory beside ``out``, then move it into place (replacing an
+    earlier report): never a half-written report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result = write(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[Any, str, list[float], int, int]]:
+    """Validate the arguments (parser.error: one line, exit 2) and return the sweeps to do:
+    (task, optimizer, lrs, seeds, steps)."""
     from ..registry import list_optimizers
 
     suite = args.task is None
@@ -166,10 +236,7 @@ def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             if unsuited:
                 parser.error(f"optimizer(s) {', '.join(unsuited)} not supported on task {task.name!r}; "
                              f"it supports: {', '.join(task.suits)}")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_earlier_report(out))):
-        parser.error(f"output directory {str(out)!r} exists and holds something other than a danlu report; "
-                     "choose another --out")
+    _check_out(args, parser)
     plan = []
     for task in tasks:
         if args.optimizers is not None:
@@ -179,10 +246,73 @@ def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         steps = args.steps or (QUICK_STEPS.get(task.name, task.default_steps) if suite else task.default_steps)
         for opt in task_opts:
             lrs = explicit_lrs or [task.default_lr(opt) * f for f in AUTO_FACTORS]
-            for lr in lrs:
-                for seed in range(seeds):
-                    plan.append((task, opt, float(f"{lr:.6g}"), seed, steps))
+            plan.append((task, opt, [float(f"{lr:.6g}") for lr in lrs], seeds, steps))
     return plan
+
+
+def _edge_extension(runs: list[Any], lrs: list[float]) -> float | None:
+    """With ``--lrs auto``: when the best lr (lowest mean final val loss over its non-diverged seeds; an
+    lr with a diverged seed never counts as best) is the smallest or largest of ``lrs``, the next lr one
+    grid factor beyond it; else None."""
+    scores = {}
+    for lr in lrs:
+        finals = [r.final_val_loss for r in runs if r.lr == lr]
+        if finals and all(math.isfinite(v) for v in finals):
+            scores[lr] = sum(finals) / len(finals)
+    if not scores:
+        return None
+    best, ordered = min(scores, key=scores.__getitem__), sorted(lrs)
+    step = AUTO_FACTORS[-1] / AUTO_FACTORS[-2]
+    if best == ordered[-1]:
+        return float(f"{best * step:.6g}")
+    if best == ordered[0]:
+        return float(f"{best / step:.6g}")
+    return None
+
+
+def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .experiments import Context, get_experiment, write_experiment_report
+    from .report import MARKER, environment
+
+    misplaced = [flag for flag, value in (("--task", args.task), ("--optimizers", args.optimizers))
+                 if value is not None] + (["--lrs"] if args.lrs.strip().lower() != "auto" else [])
+    if misplaced:
+        parser.error(f"{', '.join(misplaced)} cannot be combined with --experiment (each experiment fixes its own)")
+    names = [n.strip().lower() for n in args.experiment if n.strip()]
+    if names == ["all"]:
+        names = list(EXPERIMENT_NAMES)
+    unknown = [n for n in names if n not in EXPERIMENT_NAMES]
+    if unknown or not names:
+        parser.error(f"unknown experiment(s) {', '.join(unknown) or '(none given)'}; known: "
+                     f"{', '.join(EXPERIMENT_NAMES)}, all")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be an integer ≥ 1, got {args.steps}")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be an integer ≥ 1, got {args.seeds}")
+    _check_out(args, parser)
+    experiments = [get_experiment(n) for n in dict.fromkeys(names)]
+    budgets = [(args.seeds or e.default_seeds, args.steps or e.default_steps) for e in experiments]
+    total = sum(e.units(seeds, steps) for e, (seeds, steps) in zip(experiments, budgets))
+
+    def write(tmp: Path) -> list[Any]:
+        done = []
+        with _Progress(total, args.quiet) as progress:
+            for e, (seeds, steps) in zip(experiments, budgets):
+                progress.describe(e.name)
+                ctx = Context(seeds, steps, tmp, lambda units, what, e=e: progress.advance(units, f"{e.name}: {what}"))
+                t0 = time.perf_counter()
+                outcome = e.run(ctx)
+                done.append((e, ctx, outcome, time.perf_counter() - t0))
+        write_experiment_report(tmp, done, environment(), MARKER)
+        return done
+
+    done = _write_atomically(Path(args.out), write)
+    for e, ctx, outcome, seconds in done:
+        if not args.quiet:
+            print(f"{e.name}: {outcome.verdict}. {outcome.reason}")
+    print(f"report: {Path(args.out) / 'report.md'} ({len(done)} experiment(s) in "
+          f"{sum(d[3] for d in done):.0f} s)")
+    return 0
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -191,45 +321,32 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     plan = _compare_plan(args, parser)
     out = Path(args.out)
+    auto = args.lrs.strip().lower() == "auto"
     config = {"tasks": list(dict.fromkeys(p[0].name for p in plan)),
               "optimizers": list(dict.fromkeys(p[1] for p in plan)),
-              "steps": {p[0].name: p[4] for p in plan}, "seeds": max(p[3] for p in plan) + 1,
-              "lrs": args.lrs, "auto_factors": list(AUTO_FACTORS)}
+              "steps": {p[0].name: p[4] for p in plan}, "seeds": plan[0][3],
+              "lrs": args.lrs, "auto_factors": list(AUTO_FACTORS), "auto_extensions": AUTO_EXTENSIONS,
+              "extended": []}
     results = []
-    total = sum(p[4] for p in plan)
     start = time.perf_counter()
-    progress = None
-    if not args.quiet:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        progress.start()
-        bar = progress.add_task("compare", total=total)
-    try:
-        for task, opt, lr, seed, steps in plan:
-            if progress is not None:
-                progress.update(bar, description=f"{task.name} {opt} lr={lr:g} seed={seed}")
-            results.append(run(task, opt, lr, seed, steps))
-            if progress is not None:
-                progress.advance(bar, steps)
-    finally:
-        if progress is not None:
-            progress.stop()
+    with _Progress(sum(len(p[2]) * p[3] * p[4] for p in plan), args.quiet) as progress:
+        for task, opt, lrs, seeds, steps in plan:
+            todo, runs = list(lrs), []
+            for extension in range(AUTO_EXTENSIONS + 1):
+                for lr in todo:
+                    for seed in range(seeds):
+                        progress.describe(f"{task.name} {opt} lr={lr:g} seed={seed}")
+                        runs.append(run(task, opt, lr, seed, steps))
+                        progress.advance(steps)
+                beyond = _edge_extension(runs, lrs) if auto and extension < AUTO_EXTENSIONS else None
+                if beyond is None:
+                    break
+                lrs, todo = lrs + [beyond], [beyond]
+                config["extended"].append({"task": task.name, "optimizer": opt, "lr": beyond})
+                progress.add(seeds * steps)
+            results += runs
     config["wall_seconds"] = round(time.perf_counter() - start, 2)
-    # Write into a fresh directory beside --out, then move it into place: never a half-written report.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        summaries = write_report(tmp, results, config)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    summaries = _write_atomically(out, lambda tmp: write_report(tmp, results, config))
     if not args.quiet:
         print(format_leaderboard(summaries))
         print()
@@ -243,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "speed":
         return _speed(args, parser)
     if args.command == "compare":
-        return _compare(args, parser)
+        return _experiments(args, parser) if args.experiment is not None else _compare(args, parser)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover (argparse refuses first)
     return 2
 

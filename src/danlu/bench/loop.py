@@ -3,7 +3,8 @@
 The loop is deliberately plain::
 
     problem = task.build(seed)
-    opt = create_optimizer(name, problem.params, lr=lr)
+    params = problem.params if param_groups is None else param_groups(problem)
+    opt = create_optimizer(name, params, lr=lr, **optimizer_kwargs)
     for step in range(steps):
         loss = <one optimizer step on problem.train_loss(step)>
         if problem.project is not None: problem.project()
@@ -19,9 +20,10 @@ stepped from ``.grad`` (zero_grad, backward, step).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +31,7 @@ from ..registry import create_optimizer
 from .speed import _state_bytes
 from .tasks import Problem, Task
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "run", "mean_curve"]
 
 
 @dataclass
@@ -64,6 +66,18 @@ class RunResult:
         return out
 
 
+def mean_curve(runs: list[RunResult]) -> list[tuple[int, float]]:
+    """The val-loss curve averaged over the runs that did not diverge, at the steps all of them evaluated."""
+    ok = [r for r in runs if not r.diverged]
+    if not ok:
+        return []
+    by_step: dict[int, list[float]] = {}
+    for r in ok:
+        for s, v in r.curve:
+            by_step.setdefault(s, []).append(v)
+    return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == len(ok)]
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -92,11 +106,14 @@ def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) ->
     return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
 
-def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_every: int | None = None) -> RunResult:
+def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_every: int | None = None,
+        param_groups: Callable[[Problem], Any] | None = None, **optimizer_kwargs: Any) -> RunResult:
     """Train ``task.build(seed)`` with ``optimizer_name`` at ``lr`` for ``steps`` steps.
 
     ``eval_every`` (default: about 20 points per curve) sets how often the val loss is recorded; the
     last step is always evaluated. A non-finite training or val loss stops the run and sets ``diverged``.
+    ``param_groups(problem)`` (default: ``problem.params``) gives what the optimizer is built over, e.g.
+    ``lambda p: danlu.amos_groups(p.model)``; ``optimizer_kwargs`` go to :func:`danlu.create_optimizer`.
     """
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -104,7 +121,8 @@ def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_
     name = optimizer_name.lower()
     result = RunResult(task.name, name, float(lr), int(seed), int(steps))
     problem = task.build(seed)
-    opt = create_optimizer(name, problem.params, lr=lr)
+    params = problem.params if param_groups is None else param_groups(problem)
+    opt = create_optimizer(name, params, lr=lr, **optimizer_kwargs)
     train_time = 0.0
     for step in range(steps):
         t0 = time.perf_counter()

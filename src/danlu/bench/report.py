@@ -28,7 +28,8 @@ from typing import Any, Iterable
 import torch
 
 from .. import __version__
-from .loop import RunResult
+from .loop import RunResult, mean_curve
+from .plotting import figure, save_figure
 
 __all__ = ["LrScore", "Summary", "summarize", "format_leaderboard", "environment", "write_report", "MARKER"]
 
@@ -81,17 +82,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _mean_curve(runs: list[RunResult]) -> list[tuple[int, float]]:
-    ok = [r for r in runs if not r.diverged]
-    if not ok:
-        return []
-    by_step: dict[int, list[float]] = {}
-    for r in ok:
-        for s, v in r.curve:
-            by_step.setdefault(s, []).append(v)
-    return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == len(ok)]
-
-
 def summarize(results: Iterable[RunResult]) -> list[Summary]:
     """One :class:`Summary` per (task, optimizer), in first-seen order; within a task the steps to
     target are filled in once every optimizer's best lr is known."""
@@ -113,7 +103,7 @@ def summarize(results: Iterable[RunResult]) -> list[Summary]:
             summary.best_lr, summary.mean, summary.std = best.lr, best.mean, best.std
             summary.seconds_per_step = statistics.fmean(r.seconds_per_step for r in runs)
             summary.state_bytes_per_param = statistics.fmean(r.state_bytes_per_param for r in runs)
-            summary.curve = _mean_curve(runs)
+            summary.curve = mean_curve(runs)
         summaries.append(summary)
     for task in dict.fromkeys(s.task for s in summaries):
         rows = [s for s in summaries if s.task == task and s.best_lr is not None]
@@ -129,6 +119,13 @@ def _fmt(x: float, digits: int = 4) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _mean_pm(score: LrScore) -> str:
+    """"mean ± std" over seeds, or "mean (1 seed)" when there is no spread to show."""
+    if score.n_ok == 1:
+        return f"{_fmt(score.mean)} (1 seed)"
+    return f"{_fmt(score.mean)} ± {_fmt(score.std, 2)}"
+
+
 def leaderboard_rows(summaries: list[Summary], task: str) -> list[list[str]]:
     rows = sorted((s for s in summaries if s.task == task),
                   key=lambda s: (s.best_lr is None, s.mean if s.best_lr is not None else 0.0))
@@ -137,7 +134,8 @@ def leaderboard_rows(summaries: list[Summary], task: str) -> list[list[str]]:
         if s.best_lr is None:
             out.append([str(rank), s.optimizer, "diverged at every lr", "—", "—", "—", "—"])
             continue
-        out.append([str(rank), s.optimizer, f"{_fmt(s.mean)} ± {_fmt(s.std, 2)}", f"{s.best_lr:g}",
+        best = next(sc for sc in s.lrs if sc.lr == s.best_lr)
+        out.append([str(rank), s.optimizer, _mean_pm(best), f"{s.best_lr:g}",
                     "—" if s.steps_to_target is None else str(s.steps_to_target),
                     f"{1e3 * s.seconds_per_step:.2f}", f"{s.state_bytes_per_param:.2f}"])
     return out
@@ -172,33 +170,19 @@ def environment() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
-def _save(plt: Any, fig: Any, ax: Any, out: Path, name: str) -> str:
-    """Legend, layout, write ``out/name`` as PNG, close the figure; returns ``name``."""
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
-
-
 def _plots(summaries: list[Summary], task: str, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [s for s in summaries if s.task == task]
     files = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plt, fig, ax = figure()
     for s in rows:
         if s.curve:
             ax.plot([c[0] for c in s.curve], [c[1] for c in s.curve], label=f"{s.optimizer} (lr {s.best_lr:g})")
     ax.set(xlabel="step", ylabel="val loss", title=f"{task}: val loss at the best lr (mean over seeds)")
     if any(c[1] > 0 for s in rows for c in s.curve):
         ax.set_yscale("log")
-    files.append(_save(plt, fig, ax, out, f"{task}-curves.png"))
+    files.append(save_figure(plt, fig, ax, out, f"{task}-curves.png"))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plt, fig, ax = figure()
     finite = [sc.mean for s in rows for sc in s.lrs if not sc.diverged]
     top = max(finite) if finite else 1.0
     for s in rows:
@@ -212,7 +196,7 @@ def _plots(summaries: list[Summary], task: str, out: Path) -> list[str]:
         ax.set_yscale("log")
     ax.set(xlabel="learning rate", ylabel="final val loss (mean over seeds)",
            title=f"{task}: lr sensitivity (x = diverged)")
-    files.append(_save(plt, fig, ax, out, f"{task}-lr.png"))
+    files.append(save_figure(plt, fig, ax, out, f"{task}-lr.png"))
     return files
 
 
@@ -225,6 +209,9 @@ def _markdown(summaries: list[Summary], config: dict[str, Any], env: dict[str, A
              "The best lr per optimizer is the one with the lowest mean final val loss over seeds "
              "(diverged runs excluded). Steps to target: first evaluated step at which the mean val "
              "loss reaches the worst optimizer's best final val loss on that task.", ""]
+    if config.get("extended"):
+        lines += ["Auto grids extended because the best lr was at an end: " + ", ".join(
+            f"{e['task']} {e['optimizer']} → {e['lr']:g}" for e in config["extended"]) + ".", ""]
     for task in dict.fromkeys(s.task for s in summaries):
         lines += [f"## {task}", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(r) + " |" for r in leaderboard_rows(summaries, task)]
@@ -233,7 +220,7 @@ def _markdown(summaries: list[Summary], config: dict[str, Any], env: dict[str, A
                   "|---|---|---|---|"]
         for s in (s for s in summaries if s.task == task):
             for sc in s.lrs:
-                val = "*diverged*" if sc.diverged else f"{_fmt(sc.mean)} ± {_fmt(sc.std, 2)}"
+                val = "*diverged*" if sc.diverged else _mean_pm(sc)
                 best = " **(best)**" if sc.lr == s.best_lr else ""
                 lines.append(f"| {s.optimizer} | {sc.lr:g}{best} | {val} | {sc.n_diverged} |")
         lines.append("")

@@ -64,6 +64,9 @@ class Problem:
             x ≥ 0 for additive optimizers; a no-op for EGD, whose iterates stay positive); else ``None``.
         optimum: the known minimiser of the training objective (quadratic, rosenbrock, nnls), else ``None``.
         info: fixed numbers about the instance (e.g. ``"noise_floor"``, ``"vocab_size"``).
+        batch_loss: ``batch_loss(indices)`` is the differentiable training loss on the given rows of
+            the training split (``info["train_size"]`` rows; all of them for the full-batch loss), for
+            experiments that choose their own batches (digits, zero-one); else ``None``.
     """
 
     params: list[torch.Tensor]
@@ -74,6 +77,7 @@ class Problem:
     project: Callable[[], None] | None = None
     optimum: torch.Tensor | None = None
     info: dict[str, float] = field(default_factory=dict)
+    batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,8 +137,10 @@ def _standardize(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std.clamp_min(1e-3)
 
 
+@functools.lru_cache(maxsize=None)
 def _sklearn_split(loader: Any, n_val: int, name: str, y_dtype: torch.dtype):
-    """A scikit-learn bundled data set, standardized on its train split: (x_train, y_train, x_val, y_val)."""
+    """A scikit-learn bundled data set, standardized on its train split: (x_train, y_train, x_val, y_val).
+    Loaded once per process (the tensors are shared by every build and never written to)."""
     data = loader()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=y_dtype)
@@ -153,9 +159,11 @@ def _build_digits(seed: int) -> Problem:
     with _seeded_init("digits", seed, "init"):
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
-    def train_loss(step: int) -> torch.Tensor:
-        idx = _batch(len(yt), 64, "digits", seed, step)
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(xt[idx]), yt[idx])
+
+    def train_loss(step: int) -> torch.Tensor:
+        return batch_loss(_batch(len(yt), 64, "digits", seed, step))
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -164,7 +172,7 @@ def _build_digits(seed: int) -> Problem:
                 "val_acc": (logits.argmax(1) == yv).float().mean().item()}
 
     return Problem(list(model.parameters()), train_loss, evaluate, model=model,
-                   info={"train_size": len(yt), "val_size": len(yv)})
+                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss)
 
 
 # --------------------------------------------------------------------------- charlm
@@ -320,6 +328,9 @@ def _build_zero_one(seed: int) -> Problem:
     def error(inputs: torch.Tensor, labels: torch.Tensor) -> float:
         return ((logits(inputs) > 0).float() != labels).float().mean().item()
 
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits(xt[idx]), yt[idx])
+
     def train_loss(step: int) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits(xt), yt)
 
@@ -334,7 +345,7 @@ def _build_zero_one(seed: int) -> Problem:
                 "val_ce": F.binary_cross_entropy_with_logits(logits(xv), yv).item()}
 
     return Problem(list(model.parameters()), train_loss, evaluate, model=model, task_loss=task_loss,
-                   info={"train_size": len(yt), "val_size": len(yv)})
+                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss)
 
 
 # --------------------------------------------------------------------------- nnls
@@ -410,13 +421,13 @@ def _task(name: str, description: str, default_steps: int, suits: tuple[str, ...
 _TASK_LIST = (
     _task("digits", "scikit-learn's 8x8 handwritten digits (1437 train / 360 val), MLP 64-128-10, batch 64; "
           "val cross-entropy and accuracy", 1000, NN_OPTIMIZERS,
-          dict(adamw=3e-3, lion=1e-4, tiger=1e-4, adax=3e-3, adafactor=1e-2, amos=0.05, sgdm=0.1,
+          dict(adamw=3e-3, lion=3e-4, tiger=3e-4, adax=3e-3, adafactor=1e-2, amos=0.02, sgdm=0.1,
                **{"torch-adamw": 3e-3, "torch-sgd": 0.1}),
           _build_digits),
     _task("charlm", f"2-layer causal transformer (d=64, context {CONTEXT}) on characters of the Python "
           "standard library's source (90/10 split by position), batch 32; val loss in bits per character",
           1000, NN_OPTIMIZERS,
-          dict(adamw=3e-3, lion=3e-4, tiger=3e-4, adax=3e-3, adafactor=1e-2, amos=0.02, sgdm=0.3,
+          dict(adamw=3e-3, lion=1e-3, tiger=1e-3, adax=3e-3, adafactor=3e-2, amos=0.02, sgdm=0.3,
                **{"torch-adamw": 3e-3, "torch-sgd": 0.3}),
           _build_charlm),
     _task("quadratic", "100-d quadratic, condition number 1e3, target jittered by N(0, 0.1²) each step; "
