@@ -4,7 +4,7 @@ The loop is deliberately plain::
 
     problem = task.build(seed)
     params = problem.params if param_groups is None else param_groups(problem)
-    opt = create_optimizer(name, params, lr=lr, **optimizer_kwargs)
+    opt = create_optimizer(name, params, lr=lr, **{**task.options.get(name, {}), **optimizer_kwargs})
     for step in range(steps):
         loss = <one optimizer step on problem.train_loss(step)>
         if problem.project is not None: problem.project()
@@ -12,7 +12,8 @@ The loop is deliberately plain::
         every eval_every steps (and at the end): record problem.evaluate()["val_loss"]
 
 How a step is taken depends on the optimizer: ``zero-order`` gets a closure that returns the loss
-without calling backward (it estimates the gradient from forward passes); ``mgs`` gets a surrogate
+without calling backward (it estimates the gradient from forward passes) — the task's non-differentiable
+``task_loss`` when it has one (zero-one: the 0-1 error), else the minibatch loss; ``mgs`` gets a surrogate
 closure (zero_grad, loss, backward) and the task's zero-one ``task_loss``; every other optimizer is
 stepped from ``.grad`` (zero_grad, backward, step).
 """
@@ -85,8 +86,10 @@ def _finite_or_none(x: float) -> float | None:
 def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) -> float:
     """One optimizer step on ``problem.train_loss(step)``; returns that step's loss as a float."""
     if name == "zero-order":
+        # A task with a non-differentiable objective (zero-one) is searched on that objective itself.
+        objective = problem.task_loss if problem.task_loss is not None else (lambda: problem.train_loss(step))
         with torch.no_grad():
-            loss = opt.step(lambda: problem.train_loss(step))
+            loss = opt.step(objective)
     elif name == "mgs":
         if problem.task_loss is None:
             raise ValueError("mgs needs a task with a task_loss (e.g. zero-one)")
@@ -122,7 +125,7 @@ def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_
     result = RunResult(task.name, name, float(lr), int(seed), int(steps))
     problem = task.build(seed)
     params = problem.params if param_groups is None else param_groups(problem)
-    opt = create_optimizer(name, params, lr=lr, **optimizer_kwargs)
+    opt = create_optimizer(name, params, lr=lr, **{**task.options.get(name, {}), **optimizer_kwargs})
     train_time = 0.0
     for step in range(steps):
         t0 = time.perf_counter()

@@ -90,6 +90,9 @@ class Task:
     suits: tuple[str, ...]
     lrs: Mapping[str, float] = field(repr=False)
     builder: Callable[[int], Problem] = field(repr=False)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    """Fixed keywords per optimizer on this task, passed to :func:`danlu.create_optimizer` by the
+    compare loop (zero-one: ZeroOrder's σ and samples, sized so perturbations flip predictions)."""
 
     def default_lr(self, optimizer: str) -> float:
         """A sensible lr for ``optimizer`` (lowercase CLI name) on this task, the centre of an lr grid."""
@@ -412,10 +415,12 @@ def _build_nnls(seed: int, n_train: int = NNLS_TRAIN_ROWS, batch: int = 50) -> P
 
 
 def _task(name: str, description: str, default_steps: int, suits: tuple[str, ...],
-          lrs: dict[str, float], builder: Callable[[int], Problem]) -> Task:
+          lrs: dict[str, float], builder: Callable[[int], Problem],
+          options: dict[str, dict[str, Any]] | None = None) -> Task:
     missing = set(suits) - set(lrs)
     assert not missing, f"{name}: no default lr for {sorted(missing)}"
-    return Task(name, description, default_steps, suits, MappingProxyType(dict(lrs)), builder)
+    frozen = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (options or {}).items()})
+    return Task(name, description, default_steps, suits, MappingProxyType(dict(lrs)), builder, frozen)
 
 
 _TASK_LIST = (
@@ -447,9 +452,13 @@ _TASK_LIST = (
           functools.partial(_build_rosenbrock, dim=32)),
     _task("zero-one", "linear classifier on scikit-learn's breast-cancer data (455 train / 114 val), full "
           "batch; the objective is the 0-1 error (task_loss; val_loss = val 0-1 error), cross-entropy "
-          "is the differentiable surrogate and the baseline", 500, ("zero-order", "mgs", "adamw"),
-          {"zero-order": 1e-2, "mgs": 1e-2, "adamw": 1e-2},
-          _build_zero_one),
+          "is the differentiable surrogate and the baseline; zero-order searches the 0-1 error itself "
+          "(sigma 0.1, 4 antithetic pairs)", 500, ("zero-order", "mgs", "adamw"),
+          {"zero-order": 0.3, "mgs": 1e-2, "adamw": 1e-2},
+          _build_zero_one,
+          # σ = 0.1 moves a logit by ~σ·√31 ≈ 0.5: enough to flip the misclassified examples near the
+          # boundary (σ ≤ 0.01 flips almost none and the estimate is 0); measured by the zero-order experiment.
+          options={"zero-order": {"sigma": 0.1, "samples": 4}}),
     _task("nnls", "non-negative least squares, frozen 300x50 Gaussian A (200 train / 100 val rows), "
           "batch 50 rows, positive start; project() clamps x >= 0 for additive optimizers", 500,
           ("egd", "adamw", "sgdm"),

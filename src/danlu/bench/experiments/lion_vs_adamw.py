@@ -91,8 +91,10 @@ def _run(ctx: Context) -> Outcome:
         verdict, reason = "inconclusive", "one seed gives no spread to judge a difference by."
     else:
         verdict = "supported" if all(holds) else ("not supported" if not any(holds) else "mixed")
-        reason = (f"Lion ÷10 is not significantly worse than tuned AdamW on {sum(holds)} of {len(holds)} tasks "
-                  "(worse = mean final val loss higher by more than 2 standard errors over seeds).")
+        worse = len(holds) - sum(holds)
+        reason = (f"Lion ÷10 is significantly worse than tuned AdamW on {worse} of {len(holds)} tasks and matches "
+                  f"or beats it on {sum(holds)} (worse: mean final val loss higher by more than 2 standard "
+                  "errors over seeds).")
     protocol = (f"Tasks digits ({_steps(ctx.steps, 1.0)} steps, batch 64) and charlm ({_steps(ctx.steps, 0.5)} "
                 f"steps, batch 32); {ctx.seeds} seeds per arm. AdamW (weight decay {WEIGHT_DECAY:g}) tuned over "
                 "the task's default lr × (1/3, 1, 3); Lion (betas 0.9, 0.99) untuned at "
