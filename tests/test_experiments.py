@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from danlu.bench.cli import _edge_extension, main
+from danlu.bench.cli import main
 from danlu.bench.experiments import EXPERIMENT_NAMES, Context, get_experiment
 from danlu.bench.experiments._common import VERDICTS, difference, fmt_spread, mean_std, significant
-from danlu.bench.loop import RunResult
+from danlu.bench.loop import RunResult, lr_beyond_edge
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -44,14 +44,18 @@ def _r(lr, val):
                      diverged=math.isnan(val))
 
 
+def _extend(runs, lrs):
+    return lr_beyond_edge(runs, lrs, 3.0)
+
+
 def test_auto_grid_extends_only_at_an_edge():
     lrs = [0.1, 0.3, 0.9]
-    assert _edge_extension([_r(0.1, 3.0), _r(0.3, 2.0), _r(0.9, 1.0)], lrs) == pytest.approx(2.7)
-    assert _edge_extension([_r(0.1, 1.0), _r(0.3, 2.0), _r(0.9, 3.0)], lrs) == pytest.approx(0.1 / 3, rel=1e-5)
-    assert _edge_extension([_r(0.1, 3.0), _r(0.3, 1.0), _r(0.9, 2.0)], lrs) is None
+    assert _extend([_r(0.1, 3.0), _r(0.3, 2.0), _r(0.9, 1.0)], lrs) == pytest.approx(2.7)
+    assert _extend([_r(0.1, 1.0), _r(0.3, 2.0), _r(0.9, 3.0)], lrs) == pytest.approx(0.1 / 3, rel=1e-5)
+    assert _extend([_r(0.1, 3.0), _r(0.3, 1.0), _r(0.9, 2.0)], lrs) is None
     # a diverged largest lr never counts as best: the interior one is, so no extension
-    assert _edge_extension([_r(0.1, 3.0), _r(0.3, 1.0), _r(0.9, math.nan)], lrs) is None
-    assert _edge_extension([_r(0.1, math.nan)], [0.1]) is None
+    assert _extend([_r(0.1, 3.0), _r(0.3, 1.0), _r(0.9, math.nan)], lrs) is None
+    assert _extend([_r(0.1, math.nan)], [0.1]) is None
 
 
 @pytest.mark.parametrize("argv, message", [

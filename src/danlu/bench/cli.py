@@ -250,26 +250,6 @@ def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return plan
 
 
-def _edge_extension(runs: list[Any], lrs: list[float]) -> float | None:
-    """With ``--lrs auto``: when the best lr (lowest mean final val loss over its non-diverged seeds; an
-    lr with a diverged seed never counts as best) is the smallest or largest of ``lrs``, the next lr one
-    grid factor beyond it; else None."""
-    scores = {}
-    for lr in lrs:
-        finals = [r.final_val_loss for r in runs if r.lr == lr]
-        if finals and all(math.isfinite(v) for v in finals):
-            scores[lr] = sum(finals) / len(finals)
-    if not scores:
-        return None
-    best, ordered = min(scores, key=scores.__getitem__), sorted(lrs)
-    step = AUTO_FACTORS[-1] / AUTO_FACTORS[-2]
-    if best == ordered[-1]:
-        return float(f"{best * step:.6g}")
-    if best == ordered[0]:
-        return float(f"{best / step:.6g}")
-    return None
-
-
 def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .experiments import Context, get_experiment, write_experiment_report
     from .report import MARKER, environment
@@ -316,7 +296,7 @@ def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .loop import run
+    from .loop import lr_beyond_edge, run
     from .report import format_leaderboard, write_report
 
     plan = _compare_plan(args, parser)
@@ -338,7 +318,8 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         progress.describe(f"{task.name} {opt} lr={lr:g} seed={seed}")
                         runs.append(run(task, opt, lr, seed, steps))
                         progress.advance(steps)
-                beyond = _edge_extension(runs, lrs) if auto and extension < AUTO_EXTENSIONS else None
+                step = AUTO_FACTORS[-1] / AUTO_FACTORS[-2]
+                beyond = lr_beyond_edge(runs, lrs, step) if auto and extension < AUTO_EXTENSIONS else None
                 if beyond is None:
                     break
                 lrs, todo = lrs + [beyond], [beyond]

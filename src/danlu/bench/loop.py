@@ -32,7 +32,7 @@ from ..registry import create_optimizer
 from .speed import _state_bytes
 from .tasks import Problem, Task
 
-__all__ = ["RunResult", "run", "mean_curve"]
+__all__ = ["RunResult", "run", "mean_curve", "lr_beyond_edge"]
 
 
 @dataclass
@@ -77,6 +77,25 @@ def mean_curve(runs: list[RunResult]) -> list[tuple[int, float]]:
         for s, v in r.curve:
             by_step.setdefault(s, []).append(v)
     return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == len(ok)]
+
+
+def lr_beyond_edge(runs: list[RunResult], lrs: list[float], factor: float) -> float | None:
+    """When the best of ``lrs`` (lowest mean final val loss over its seeds; an lr with a diverged seed
+    never counts as best) is the smallest or the largest, the next lr one ``factor`` beyond it (6
+    significant digits); else None. How an lr sweep makes sure its best is not cut off by the grid."""
+    scores = {}
+    for lr in lrs:
+        finals = [r.final_val_loss for r in runs if r.lr == lr]
+        if finals and all(math.isfinite(v) for v in finals):
+            scores[lr] = sum(finals) / len(finals)
+    if not scores:
+        return None
+    best, ordered = min(scores, key=scores.__getitem__), sorted(lrs)
+    if best == ordered[-1]:
+        return float(f"{best * factor:.6g}")
+    if best == ordered[0]:
+        return float(f"{best / factor:.6g}")
+    return None
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -150,3 +150,33 @@ def cached_run(task: str, optimizer: str, lr: float, seed: int, steps: int, ctx:
         ctx.advance(steps, f"{task} {optimizer} lr={lr:g} seed={seed}")
     return _RUNS[key]
 
+
+
+GRID = (1 / 3, 1.0, 3.0)  # an lr sweep: the task's default lr for the optimizer times these
+EXTENSIONS = 2            # ... extended by one more factor of 3 at an edge holding the best, at most this often
+
+
+def tune(task: str, optimizer: str, steps: int, ctx: Context, **kwargs: Any) -> tuple[float, dict[float, list[Any]]]:
+    """Sweep ``optimizer``'s lr on ``task`` over the task's default lr × :data:`GRID` with ``ctx.seeds``
+    seeds, extending the grid by a factor of 3 beyond an end that holds the best lr (at most
+    :data:`EXTENSIONS` times, the rule of ``danlu compare --lrs auto``). Returns the best lr (lowest
+    mean final val loss over the seeds, lrs with a diverged seed excluded; the grid's centre if every
+    lr diverged) and the runs per lr. ``kwargs`` go to :func:`cached_run`."""
+    from ..loop import lr_beyond_edge
+    from ..tasks import get_task
+
+    base = get_task(task).default_lr(optimizer)
+    lrs = [float(f"{base * f:.6g}") for f in GRID]
+    by_lr: dict[float, list[Any]] = {}
+    for extension in range(EXTENSIONS + 1):
+        for lr in lrs:
+            if lr not in by_lr:
+                by_lr[lr] = [cached_run(task, optimizer, lr, s, steps, ctx, **kwargs) for s in range(ctx.seeds)]
+        beyond = lr_beyond_edge([r for rs in by_lr.values() for r in rs], lrs, GRID[-1] / GRID[-2])
+        if beyond is None or extension == EXTENSIONS:
+            break
+        lrs.append(beyond)
+    ok = {lr: sum(r.final_val_loss for r in rs) / len(rs) for lr, rs in by_lr.items()
+          if not any(r.diverged for r in rs)}
+    best = min(ok, key=ok.__getitem__) if ok else float(f"{base:.6g}")
+    return best, dict(sorted(by_lr.items()))

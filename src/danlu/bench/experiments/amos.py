@@ -10,7 +10,8 @@ run. AdamW (weight decay 0.01, the library default) is tuned over the task's lr 
 1, 3); its mean final val loss over the seeds is the *target*. Amos runs with the paper's setup —
 per-parameter target scales and factored state from :func:`danlu.amos_groups` (√(1/fan_in) for
 matrices, 0.5 for biases, 1 for norm gains; one second moment per output unit) and momentum 0.9 — and
-its lr ξ tuned over the same kind of grid (the task's Amos default × 1/3, 1, 3). *Steps to target*: the
+its lr ξ tuned over the same kind of grid (the task's Amos default × 1/3, 1, 3). Both grids are
+extended by a factor of 3 beyond an end that holds the best lr, at most twice (``danlu compare``'s rule). *Steps to target*: the
 first evaluated step at which the mean (over seeds) val loss of Amos at its best ξ is at or below the
 target, as a fraction of the budget; per seed, the same with that seed's own curve. Memory: optimizer
 state bytes per parameter, Amos over AdamW.
@@ -28,11 +29,10 @@ from typing import Any
 
 from ...optim.amos import amos_groups
 from ..loop import mean_curve
-from ..tasks import Problem, get_task
-from ._common import Context, Experiment, Outcome, cached_run, figure, fmt_spread, mean_std, save_figure
+from ..tasks import Problem
+from ._common import GRID, Context, Experiment, Outcome, figure, fmt_spread, mean_std, save_figure, tune
 
 TASKS = (("digits", 1.0), ("charlm", 0.5))
-GRID = (1 / 3, 1.0, 3.0)
 WEIGHT_DECAY = 0.01
 MOMENTUM = 0.9
 EVAL_POINTS = 20
@@ -49,20 +49,7 @@ def _steps(ctx_steps: int, fraction: float) -> int:
 
 
 def _units(seeds: int, steps: int) -> int:
-    return sum(_steps(steps, f) * seeds * 2 * len(GRID) for _, f in TASKS)
-
-
-def _tune(task: str, name: str, steps: int, ctx: Context, **kw: Any) -> tuple[float, list[Any]]:
-    base = get_task(task).default_lr(name)
-    by_lr = {}
-    for f in GRID:
-        lr = float(f"{base * f:.6g}")
-        by_lr[lr] = [cached_run(task, name, lr, s, steps, ctx, eval_points=EVAL_POINTS, **kw)
-                     for s in range(ctx.seeds)]
-    ok = {lr: sum(r.final_val_loss for r in rs) / len(rs) for lr, rs in by_lr.items()
-          if not any(r.diverged for r in rs)}
-    best = min(ok, key=ok.__getitem__) if ok else min(by_lr)
-    return best, by_lr[best]
+    return sum(_steps(steps, f) * seeds * 2 * len(GRID) for _, f in TASKS)  # without grid extensions
 
 
 def _first_at_or_below(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -74,8 +61,9 @@ def _run(ctx: Context) -> Outcome:
     mem_ratios = []
     for task, fraction in TASKS:
         steps = _steps(ctx.steps, fraction)
-        a_lr, a_runs = _tune(task, "adamw", steps, ctx, weight_decay=WEIGHT_DECAY)
-        m_lr, m_runs = _tune(task, "amos", steps, ctx, param_groups=_groups)
+        a_lr, a_grid = tune(task, "adamw", steps, ctx, eval_points=EVAL_POINTS, weight_decay=WEIGHT_DECAY)
+        m_lr, m_grid = tune(task, "amos", steps, ctx, eval_points=EVAL_POINTS, param_groups=_groups)
+        a_runs, m_runs = a_grid[a_lr], m_grid[m_lr]
         a_final = [r.final_val_loss for r in a_runs]
         target = mean_std(a_final)[0]
         m_curve = mean_curve(m_runs)
@@ -98,6 +86,8 @@ def _run(ctx: Context) -> Outcome:
         data[task] = {"steps": steps, "adamw_lr": a_lr, "amos_lr": m_lr, "target": target,
                       "adamw_final": a_final, "amos_final": [r.final_val_loss for r in m_runs],
                       "amos_curve": m_curve, "adamw_curve": mean_curve(a_runs),
+                      "adamw_grid": {str(lr): [r.final_val_loss for r in rs] for lr, rs in a_grid.items()},
+                      "amos_grid": {str(lr): [r.final_val_loss for r in rs] for lr, rs in m_grid.items()},
                       "steps_to_target": hit, "per_seed_steps_to_target": per_seed,
                       "state_bytes_per_param": {"amos": m_runs[0].state_bytes_per_param,
                                                 "adamw": a_runs[0].state_bytes_per_param}}
@@ -128,7 +118,8 @@ def _run(ctx: Context) -> Outcome:
                   + f"; memory (state ≤ {MEMORY_FRACTION:.0%} of AdamW's): {'holds' if memory_holds else 'fails'}.")
     protocol = (f"Tasks digits ({_steps(ctx.steps, 1.0)} steps) and charlm ({_steps(ctx.steps, 0.5)} steps), "
                 f"{ctx.seeds} seeds, {EVAL_POINTS} evaluations per run. AdamW (weight decay {WEIGHT_DECAY:g}) "
-                "and Amos (`amos_groups(model, momentum=0.9)`) each tuned over their task default lr × (1/3, 1, 3). "
+                "and Amos (`amos_groups(model, momentum=0.9)`) each tuned over their task default lr × (1/3, 1, 3), "
+                "extended by ×3 beyond an end that holds the best (at most twice). "
                 "Target: tuned AdamW's mean final val loss.")
     return Outcome(
         protocol=protocol,

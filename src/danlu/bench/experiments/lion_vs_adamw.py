@@ -9,8 +9,8 @@ user's question is: tune AdamW as usual, convert, and is Lion then as good?
 
 **Protocol.** Tasks ``digits`` (MLP, batch 64, ``steps`` steps) and ``charlm`` (2-layer transformer,
 batch 32, ``steps // 2`` steps). AdamW (danlu's, betas (0.9, 0.999), weight decay 0.01, the library
-default) is tuned over the task's lr grid (its default lr × 1/3, 1, 3), picking the lr with the lowest
-mean final val loss over the seeds. Lion (betas (0.9, 0.99)) then runs, without tuning, at
+default) is tuned over the task's lr grid (its default lr × 1/3, 1, 3, extended by ×3 beyond an end
+that holds the best, at most twice), picking the lr with the lowest mean final val loss over the seeds. Lion (betas (0.9, 0.99)) then runs, without tuning, at
 ``lion_from_adamw(best_lr, 0.01, factor)`` for factor 10 (the converter's default, Su) and 3 (the
 paper's other end). Same seeds (initialisation and batch order) for every arm.
 
@@ -24,12 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 from ...recipes import lion_from_adamw
-from ..tasks import get_task
-from ._common import Context, Experiment, Outcome, cached_run, figure, fmt_spread, save_figure, significant
+from ._common import GRID, Context, Experiment, Outcome, cached_run, figure, fmt_spread, save_figure, significant, tune
 from ..loop import mean_curve
 
 TASKS = (("digits", 1.0), ("charlm", 0.5))   # (task, fraction of --steps)
-GRID = (1 / 3, 1.0, 3.0)                     # AdamW lrs: the task's default times these
 WEIGHT_DECAY = 0.01
 FACTORS = (10.0, 3.0)
 
@@ -51,13 +49,7 @@ def _run(ctx: Context) -> Outcome:
     rows, data, holds, plots, measured = [], {}, [], [], []
     for task, fraction in TASKS:
         steps = _steps(ctx.steps, fraction)
-        base = get_task(task).default_lr("adamw")
-        grid = [float(f"{base * f:.6g}") for f in GRID]
-        adamw = {lr: [cached_run(task, "adamw", lr, s, steps, ctx, weight_decay=WEIGHT_DECAY) for s in seeds]
-                 for lr in grid}
-        scored = [(lr, sum(_finals(rs)) / len(rs)) for lr, rs in adamw.items()
-                  if all(not r.diverged for r in rs)]
-        best_lr = min(scored, key=lambda x: x[1])[0] if scored else grid[len(grid) // 2]
+        best_lr, adamw = tune(task, "adamw", steps, ctx, weight_decay=WEIGHT_DECAY)
         arms = {"adamw (tuned)": (best_lr, WEIGHT_DECAY, adamw[best_lr])}
         for factor in FACTORS:
             hp = lion_from_adamw(best_lr, WEIGHT_DECAY, factor=factor)
@@ -97,7 +89,8 @@ def _run(ctx: Context) -> Outcome:
                   "errors over seeds).")
     protocol = (f"Tasks digits ({_steps(ctx.steps, 1.0)} steps, batch 64) and charlm ({_steps(ctx.steps, 0.5)} "
                 f"steps, batch 32); {ctx.seeds} seeds per arm. AdamW (weight decay {WEIGHT_DECAY:g}) tuned over "
-                "the task's default lr × (1/3, 1, 3); Lion (betas 0.9, 0.99) untuned at "
+                "the task's default lr × (1/3, 1, 3), extended by ×3 beyond an end that holds the best; Lion "
+                "(betas 0.9, 0.99) untuned at "
                 "`lion_from_adamw(best_lr, 0.01, factor)` for factor 10 and 3.")
     return Outcome(
         protocol=protocol,
