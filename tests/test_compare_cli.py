@@ -105,6 +105,10 @@ def test_closure_driven_optimizers_and_projection():
         (["--task", "quadratic", "--lrs", "a,b"], "--lrs"),
         (["--task", "quadratic", "--steps", "0"], "--steps"),
         (["--task", "quadratic", "--seeds", "0"], "--seeds"),
+        (["--experiment", "nope"], "unknown experiment(s) nope"),
+        (["--experiment", "amos", "--task", "digits"], "--task cannot be combined"),
+        (["--experiment", "amos", "--lrs", "0.1"], "--lrs cannot be combined"),
+        (["--experiment", "amos", "--steps", "0"], "--steps must be an integer ≥ 1"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):

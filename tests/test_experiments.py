@@ -58,21 +58,6 @@ def test_auto_grid_extends_only_at_an_edge():
     assert _extend([_r(0.1, math.nan)], [0.1]) is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--experiment", "nope"], "unknown experiment(s) nope"),
-    (["--experiment", "amos", "--task", "digits"], "--task cannot be combined"),
-    (["--experiment", "amos", "--lrs", "0.1"], "--lrs cannot be combined"),
-    (["--experiment", "amos", "--steps", "0"], "--steps must be an integer ≥ 1"),
-])
-def test_bad_experiment_arguments_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
-    out = tmp_path / "rep"
-    with pytest.raises(SystemExit) as exc:
-        main(["compare", *argv, "--out", str(out), "--quiet"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and not out.exists() and not list(tmp_path.iterdir())
-
-
 def test_experiment_cli_writes_report_and_json(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["compare", "--experiment", "lion-vs-adamw", "--steps", "4", "--seeds", "2",

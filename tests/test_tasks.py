@@ -171,3 +171,15 @@ def test_suited_optimizers_are_registered():
     known = set(list_optimizers())
     for task in TASKS.values():
         assert set(task.suits) <= known, task.name
+
+
+def test_zero_order_searches_the_zero_one_error_itself():
+    from danlu.bench.loop import run
+
+    task = get_task("zero-one")
+    assert dict(task.options["zero-order"]) == {"sigma": 0.1, "samples": 4}
+    r = run(task, "zero-order", task.default_lr("zero-order"), 0, 30)
+    assert not r.diverged
+    # each step's loss is the mean of 2 × 4 evaluations of the train 0-1 error over 455 rows
+    assert all(abs(v * 455 * 8 - round(v * 455 * 8)) < 1e-3 for v in r.train_losses)  # float32 error values
+    assert r.train_losses[-1] < r.train_losses[0]
