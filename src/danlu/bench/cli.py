@@ -279,7 +279,8 @@ def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         with _Progress(total, args.quiet) as progress:
             for e, (seeds, steps) in zip(experiments, budgets):
                 progress.describe(e.name)
-                ctx = Context(seeds, steps, tmp, lambda units, what, e=e: progress.advance(units, f"{e.name}: {what}"))
+                ctx = Context(seeds, steps, tmp, lambda units, what, e=e: progress.advance(units, f"{e.name}: {what}"),
+                              progress.add)
                 t0 = time.perf_counter()
                 outcome = e.run(ctx)
                 done.append((e, ctx, outcome, time.perf_counter() - t0))

@@ -35,12 +35,14 @@ class Context:
         out: the directory to write plots into (``save_figure(..., ctx.out, name)``).
         advance: ``advance(units, description)`` moves the progress bar by ``units`` (training steps;
             the total is :attr:`Experiment.units`).
+        grow: ``grow(units)`` adds work found on the way to the total (an lr grid extended by :func:`tune`).
     """
 
     seeds: int
     steps: int
     out: Path
     advance: Callable[[int, str], None] = lambda units, description: None
+    grow: Callable[[int], None] = lambda units: None
 
 
 @dataclass
@@ -176,6 +178,7 @@ def tune(task: str, optimizer: str, steps: int, ctx: Context, **kwargs: Any) -> 
         if beyond is None or extension == EXTENSIONS:
             break
         lrs.append(beyond)
+        ctx.grow(ctx.seeds * steps)
     ok = {lr: sum(r.final_val_loss for r in rs) / len(rs) for lr, rs in by_lr.items()
           if not any(r.diverged for r in rs)}
     best = min(ok, key=ok.__getitem__) if ok else float(f"{base:.6g}")

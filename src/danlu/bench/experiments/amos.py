@@ -5,13 +5,14 @@ validation loss than tuned AdamW in ≤ 70% of the training steps and time, with
 memory. Su (kexue.fm/archives/9344) derives the same kind of schedule (lr ∝ the parameter's scale,
 weight decay one order higher, both decaying) from first principles.
 
-**Protocol.** Tasks ``digits`` (``steps`` steps) and ``charlm`` (``steps // 2``), evaluated 40 times per
+**Protocol.** Tasks ``digits`` (``steps`` steps) and ``charlm`` (``steps // 2``), evaluated 20 times per
 run. AdamW (weight decay 0.01, the library default) is tuned over the task's lr grid (default lr × 1/3,
-1, 3); its mean final val loss over the seeds is the *target*. Amos runs with the paper's setup —
-per-parameter target scales and factored state from :func:`danlu.amos_groups` (√(1/fan_in) for
-matrices, 0.5 for biases, 1 for norm gains; one second moment per output unit) and momentum 0.9 — and
-its lr ξ tuned over the same kind of grid (the task's Amos default × 1/3, 1, 3). Both grids are
-extended by a factor of 3 beyond an end that holds the best lr, at most twice (``danlu compare``'s rule). *Steps to target*: the
+1, 3); its mean final val loss over the seeds is the *target*. Amos runs with per-parameter target
+scales and factored state from :func:`danlu.amos_groups` (√(1/fan_in) for matrices, 0.5 for biases,
+1 for norm gains; one second moment per output unit) and momentum 0.9 (the paper's ≤ 51% slot memory
+is with a momentum buffer), its lr ξ tuned over the same kind of grid (the task's Amos default × 1/3,
+1, 3). Both grids are extended by a factor of 3 beyond an end that holds the best lr, at most twice
+(``danlu compare``'s rule). *Steps to target*: the
 first evaluated step at which the mean (over seeds) val loss of Amos at its best ξ is at or below the
 target, as a fraction of the budget; per seed, the same with that seed's own curve. Memory: optimizer
 state bytes per parameter, Amos over AdamW.
