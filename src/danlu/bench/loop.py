@@ -38,7 +38,9 @@ __all__ = ["RunResult", "run", "mean_curve", "lr_beyond_edge"]
 @dataclass
 class RunResult:
     """One run. ``curve`` is [(step, val_loss), ...] (steps counted after the update); ``final`` the last
-    ``evaluate()`` metrics (empty when diverged); ``train_losses`` the minibatch loss per step."""
+    ``evaluate()`` metrics (empty when diverged); ``train_losses`` the minibatch loss per step;
+    ``seconds_per_step`` the mean wall time of a training step (forward, backward, update, projection;
+    evaluation excluded) over the steps after the first, which pays one-time costs."""
 
     task: str
     optimizer: str
@@ -145,13 +147,16 @@ def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_
     problem = task.build(seed)
     params = problem.params if param_groups is None else param_groups(problem)
     opt = create_optimizer(name, params, lr=lr, **{**task.options.get(name, {}), **optimizer_kwargs})
-    train_time = 0.0
+    train_time = first_time = 0.0
     for step in range(steps):
         t0 = time.perf_counter()
         loss = _step(opt, name, problem, step)
         if problem.project is not None:
             problem.project()
-        train_time += time.perf_counter() - t0
+        if step == 0:  # the first step pays one-time costs (allocation, lazy state): timed apart
+            first_time = time.perf_counter() - t0
+        else:
+            train_time += time.perf_counter() - t0
         result.train_losses.append(loss)
         result.steps_done = step + 1
         if not math.isfinite(loss):
@@ -165,7 +170,8 @@ def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_
                 break
             if step + 1 == steps:
                 result.final = metrics
-    result.seconds_per_step = train_time / max(1, result.steps_done)
+    # seconds per step after the first (the first alone when the run had one step)
+    result.seconds_per_step = train_time / (result.steps_done - 1) if result.steps_done > 1 else first_time
     n_params = sum(p.numel() for p in problem.params)
     result.state_bytes_per_param = _state_bytes(opt) / n_params
     return result
