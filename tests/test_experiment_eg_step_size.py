@@ -36,10 +36,9 @@ def test_eg_step_size_smoke(tmp_path: Path) -> None:
 
 
 def test_eg_arm_is_sgd_on_its_first_step() -> None:
-    # ν starts at 1 and g_0 = 0, so after one step EGStepSize(SGD) is bitwise SGD; the cache resets the init.
-    cache: dict = {}
+    # ν starts at 1 and g_0 = 0, so after one step EGStepSize(SGD) is bitwise SGD; every run starts afresh.
     for lr in (1e-2, 1.0):
-        a = _train(cache, 0, lr, None, 1)
-        b = _train(cache, 0, lr, 1000.0, 1)
+        a = _train(0, lr, None, 1)
+        b = _train(0, lr, 1000.0, 1)
         assert a["val_loss"] == b["val_loss"] and b["nu_geomean"] == 1.0
-    assert _train(cache, 0, 1.0, None, 1)["val_loss"] == a["val_loss"]
+    assert _train(0, 1.0, None, 1)["val_loss"] == a["val_loss"]

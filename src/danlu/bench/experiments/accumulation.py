@@ -107,21 +107,18 @@ def _checkpoints(n_micro: int) -> list[int]:
 
 
 class _Seed:
-    """One seed's problem (built once: loading the data dominates a short run), its initial parameters and
-    its micro-batch stream; :meth:`reset` restores the initialisation before each arm."""
+    """One seed's micro-batch stream and a fresh build of its problem (the seeded initialisation) for
+    each arm (:meth:`reset`)."""
 
     def __init__(self, seed: int, n_micro: int) -> None:
-        self.problem = get_task(TASK).build(seed)
-        assert self.problem.batch_loss is not None
-        self.init = [p.detach().clone() for p in self.problem.params]
+        self.seed = seed
+        self.reset()
         self.train_size = int(self.problem.info["train_size"])
         self.stream = _stream(seed, self.train_size, n_micro)
 
     def reset(self) -> None:
-        with torch.no_grad():
-            for p, p0 in zip(self.problem.params, self.init):
-                p.copy_(p0)
-                p.grad = None
+        self.problem = get_task(TASK).build(self.seed)
+        assert self.problem.batch_loss is not None
 
 
 def _train(setup: _Seed, arm: str, lr: float, n_micro: int) -> dict[str, Any]:

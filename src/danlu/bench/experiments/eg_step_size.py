@@ -70,26 +70,9 @@ def _units(seeds: int, steps: int) -> int:
     return (len(META_GRID) * len(PILOT_LRS) * len(PILOT_SEEDS) + len(ARMS) * len(LRS) * seeds) * steps
 
 
-_Problems = dict[int, tuple[Any, list[torch.Tensor]]]
-
-
-def _problem(cache: _Problems, seed: int) -> Any:
-    """The digits problem for ``seed`` with its parameters reset to their initial values (built once per
-    seed: the data set load dominates a build; the init and batch order depend on the seed only)."""
-    if seed not in cache:
-        problem = get_task(TASK).build(seed)
-        cache[seed] = (problem, [p.detach().clone() for p in problem.params])
-    problem, init = cache[seed]
-    with torch.no_grad():
-        for p, p0 in zip(problem.params, init):
-            p.copy_(p0)
-            p.grad = None
-    return problem
-
-
-def _train(cache: _Problems, seed: int, lr: float, meta_lr: float | None, steps: int) -> dict[str, Any]:
+def _train(seed: int, lr: float, meta_lr: float | None, steps: int) -> dict[str, Any]:
     """One run: SGD (``meta_lr=None``) or EGStepSize(SGD); final val loss/acc, divergence, ν summary."""
-    problem = _problem(cache, seed)
+    problem = get_task(TASK).build(seed)
     base = danlu.SGDM(problem.params, lr=lr, momentum=0.0)
     opt: torch.optim.Optimizer = base if meta_lr is None else danlu.EGStepSize(base, meta_lr=meta_lr)
     diverged = False
@@ -180,14 +163,13 @@ def _run(ctx: Context) -> Outcome:
 def _sweep(ctx: Context) -> Outcome:
     steps, seeds = max(1, int(ctx.steps)), max(1, int(ctx.seeds))
 
-    cache: _Problems = {}
     # 1. pilot: γ for the lowest mean score over the grid's ends and centre, on seeds the sweep does not use
     pilot: dict[str, list[float]] = {}
     for gamma in META_GRID:
         pilot[repr(gamma)] = []
         for lr in PILOT_LRS:
             for seed in PILOT_SEEDS:
-                pilot[repr(gamma)].append(_train(cache, seed, lr, gamma, steps)["score"])
+                pilot[repr(gamma)].append(_train(seed, lr, gamma, steps)["score"])
                 ctx.advance(steps, f"pilot γ={gamma:g} lr={lr:g} seed {seed}")
     meta_lr = min(META_GRID, key=lambda g: (statistics.fmean(pilot[repr(g)]), g))
 
@@ -197,7 +179,7 @@ def _sweep(ctx: Context) -> Outcome:
         for arm in ARMS:
             row = []
             for seed in range(seeds):
-                row.append(_train(cache, seed, lr, None if arm == "sgd" else meta_lr, steps))
+                row.append(_train(seed, lr, None if arm == "sgd" else meta_lr, steps))
                 ctx.advance(steps, f"{LABELS[arm]} lr={lr:.2g} seed {seed}")
             runs[arm].append(row)
 
