@@ -92,3 +92,20 @@ def test_amos_smoke(tmp_path):
         # factored Amos state with momentum: about half of AdamW's two full buffers
         assert 0.4 < d["state_bytes_per_param"]["amos"] / d["state_bytes_per_param"]["adamw"] < 0.6
         assert d["target"] == pytest.approx(sum(d["adamw_final"]) / len(d["adamw_final"]))
+
+
+def test_sweep_extends_at_most_as_told_and_reports_each_extension():
+    from danlu.bench.loop import sweep
+
+    calls, told = [], []
+
+    def run_one(lr, seed):  # lower loss for larger lr: the best is always the top end
+        calls.append((lr, seed))
+        return _r(lr, 1.0 / lr + seed)
+
+    by_lr = sweep([0.1, 0.3, 0.9], 2, run_one, extensions=2, factor=3.0, on_extend=told.append)
+    assert told == [pytest.approx(2.7), pytest.approx(8.1)]
+    assert list(by_lr) == [0.1, 0.3, 0.9, *told] and all(len(v) == 2 for v in by_lr.values())
+    assert len(calls) == 10  # nothing ran twice
+    calls.clear()
+    assert list(sweep([0.1, 0.3], 1, run_one)) == [0.1, 0.3] and len(calls) == 2  # no extensions asked

@@ -297,7 +297,7 @@ def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .loop import lr_beyond_edge, run
+    from .loop import run, sweep
     from .report import format_leaderboard, write_report
 
     plan = _compare_plan(args, parser)
@@ -312,21 +312,19 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     start = time.perf_counter()
     with _Progress(sum(len(p[2]) * p[3] * p[4] for p in plan), args.quiet) as progress:
         for task, opt, lrs, seeds, steps in plan:
-            todo, runs = list(lrs), []
-            for extension in range(AUTO_EXTENSIONS + 1):
-                for lr in todo:
-                    for seed in range(seeds):
-                        progress.describe(f"{task.name} {opt} lr={lr:g} seed={seed}")
-                        runs.append(run(task, opt, lr, seed, steps))
-                        progress.advance(steps)
-                step = AUTO_FACTORS[-1] / AUTO_FACTORS[-2]
-                beyond = lr_beyond_edge(runs, lrs, step) if auto and extension < AUTO_EXTENSIONS else None
-                if beyond is None:
-                    break
-                lrs, todo = lrs + [beyond], [beyond]
-                config["extended"].append({"task": task.name, "optimizer": opt, "lr": beyond})
+            def run_one(lr: float, seed: int) -> Any:
+                progress.describe(f"{task.name} {opt} lr={lr:g} seed={seed}")
+                result = run(task, opt, lr, seed, steps)
+                progress.advance(steps)
+                return result
+
+            def extended(lr: float) -> None:
+                config["extended"].append({"task": task.name, "optimizer": opt, "lr": lr})
                 progress.add(seeds * steps)
-            results += runs
+
+            by_lr = sweep(lrs, seeds, run_one, AUTO_EXTENSIONS if auto else 0,
+                          AUTO_FACTORS[-1] / AUTO_FACTORS[-2], extended)
+            results += [r for runs in by_lr.values() for r in runs]
     config["wall_seconds"] = round(time.perf_counter() - start, 2)
     summaries = _write_atomically(out, lambda tmp: write_report(tmp, results, config))
     if not args.quiet:

@@ -32,7 +32,7 @@ from ..registry import create_optimizer
 from .speed import _state_bytes
 from .tasks import Problem, Task
 
-__all__ = ["RunResult", "run", "mean_curve", "lr_beyond_edge"]
+__all__ = ["RunResult", "run", "mean_curve", "lr_scores", "lr_beyond_edge", "sweep"]
 
 
 @dataclass
@@ -81,15 +81,19 @@ def mean_curve(runs: list[RunResult]) -> list[tuple[int, float]]:
     return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == len(ok)]
 
 
+def lr_scores(runs: list[RunResult]) -> dict[float, float]:
+    """Mean final val loss per lr over its seeds, for the lrs none of whose seeds diverged."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        by_lr.setdefault(r.lr, []).append(r.final_val_loss)
+    return {lr: sum(v) / len(v) for lr, v in by_lr.items() if all(math.isfinite(x) for x in v)}
+
+
 def lr_beyond_edge(runs: list[RunResult], lrs: list[float], factor: float) -> float | None:
-    """When the best of ``lrs`` (lowest mean final val loss over its seeds; an lr with a diverged seed
-    never counts as best) is the smallest or the largest, the next lr one ``factor`` beyond it (6
-    significant digits); else None. How an lr sweep makes sure its best is not cut off by the grid."""
-    scores = {}
-    for lr in lrs:
-        finals = [r.final_val_loss for r in runs if r.lr == lr]
-        if finals and all(math.isfinite(v) for v in finals):
-            scores[lr] = sum(finals) / len(finals)
+    """When the best of ``lrs`` by :func:`lr_scores` (an lr with a diverged seed never counts as best) is
+    the smallest or the largest, the next lr one ``factor`` beyond it (6 significant digits); else None.
+    How an lr sweep makes sure its best is not cut off by the grid."""
+    scores = {lr: v for lr, v in lr_scores(runs).items() if lr in lrs}
     if not scores:
         return None
     best, ordered = min(scores, key=scores.__getitem__), sorted(lrs)
@@ -98,6 +102,27 @@ def lr_beyond_edge(runs: list[RunResult], lrs: list[float], factor: float) -> fl
     if best == ordered[0]:
         return float(f"{best / factor:.6g}")
     return None
+
+
+def sweep(lrs: list[float], seeds: int, run_one: Callable[[float, int], RunResult], extensions: int = 0,
+          factor: float = 3.0, on_extend: Callable[[float], None] | None = None) -> dict[float, list[RunResult]]:
+    """``run_one(lr, seed)`` for every lr of ``lrs`` and seed in range(seeds); then, up to ``extensions``
+    times, while :func:`lr_beyond_edge` finds the best lr at an end of the grid, the same for the next lr
+    beyond it (``on_extend(lr)`` is told first). Returns the runs per lr, in the order they ran."""
+    lrs, by_lr = list(lrs), {}
+    for extension in range(extensions + 1):
+        for lr in lrs:
+            if lr not in by_lr:
+                by_lr[lr] = [run_one(lr, seed) for seed in range(seeds)]
+        if extension == extensions:
+            break
+        beyond = lr_beyond_edge([r for rs in by_lr.values() for r in rs], lrs, factor)
+        if beyond is None:
+            break
+        if on_extend is not None:
+            on_extend(beyond)
+        lrs.append(beyond)
+    return by_lr
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -164,22 +164,13 @@ def tune(task: str, optimizer: str, steps: int, ctx: Context, **kwargs: Any) -> 
     :data:`EXTENSIONS` times, the rule of ``danlu compare --lrs auto``). Returns the best lr (lowest
     mean final val loss over the seeds, lrs with a diverged seed excluded; the grid's centre if every
     lr diverged) and the runs per lr. ``kwargs`` go to :func:`cached_run`."""
-    from ..loop import lr_beyond_edge
+    from ..loop import lr_scores, sweep
     from ..tasks import get_task
 
     base = get_task(task).default_lr(optimizer)
-    lrs = [float(f"{base * f:.6g}") for f in GRID]
-    by_lr: dict[float, list[Any]] = {}
-    for extension in range(EXTENSIONS + 1):
-        for lr in lrs:
-            if lr not in by_lr:
-                by_lr[lr] = [cached_run(task, optimizer, lr, s, steps, ctx, **kwargs) for s in range(ctx.seeds)]
-        beyond = lr_beyond_edge([r for rs in by_lr.values() for r in rs], lrs, GRID[-1] / GRID[-2])
-        if beyond is None or extension == EXTENSIONS:
-            break
-        lrs.append(beyond)
-        ctx.grow(ctx.seeds * steps)
-    ok = {lr: sum(r.final_val_loss for r in rs) / len(rs) for lr, rs in by_lr.items()
-          if not any(r.diverged for r in rs)}
-    best = min(ok, key=ok.__getitem__) if ok else float(f"{base:.6g}")
+    by_lr = sweep([float(f"{base * f:.6g}") for f in GRID], ctx.seeds,
+                  lambda lr, seed: cached_run(task, optimizer, lr, seed, steps, ctx, **kwargs),
+                  EXTENSIONS, GRID[-1] / GRID[-2], lambda lr: ctx.grow(ctx.seeds * steps))
+    scores = lr_scores([r for rs in by_lr.values() for r in rs])
+    best = min(scores, key=scores.__getitem__) if scores else float(f"{base:.6g}")
     return best, dict(sorted(by_lr.items()))
