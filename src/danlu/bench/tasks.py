@@ -67,6 +67,8 @@ class Problem:
         batch_loss: ``batch_loss(indices)`` is the differentiable training loss on the given rows of
             the training split (``info["train_size"]`` rows; all of them for the full-batch loss), for
             experiments that choose their own batches (digits, zero-one); else ``None``.
+        train_data: (inputs, targets) of the training split, shared by every build: read, never write
+            (digits, zero-one; for losses the task does not define, e.g. a policy gradient); else ``None``.
     """
 
     params: list[torch.Tensor]
@@ -78,6 +80,7 @@ class Problem:
     optimum: torch.Tensor | None = None
     info: dict[str, float] = field(default_factory=dict)
     batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,7 +178,7 @@ def _build_digits(seed: int) -> Problem:
                 "val_acc": (logits.argmax(1) == yv).float().mean().item()}
 
     return Problem(list(model.parameters()), train_loss, evaluate, model=model,
-                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss)
+                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss, train_data=(xt, yt))
 
 
 # --------------------------------------------------------------------------- charlm
@@ -348,7 +351,8 @@ def _build_zero_one(seed: int) -> Problem:
                 "val_ce": F.binary_cross_entropy_with_logits(logits(xv), yv).item()}
 
     return Problem(list(model.parameters()), train_loss, evaluate, model=model, task_loss=task_loss,
-                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss)
+                   info={"train_size": len(yt), "val_size": len(yv)}, batch_loss=batch_loss,
+                   train_data=(xt, yt))
 
 
 # --------------------------------------------------------------------------- nnls
