@@ -23,20 +23,28 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
-def test_kernel_traces_without_graph_breaks(name, cls, kwargs):
+def eager_and_traced(make, params, gen, steps=3):
+    """Two optimizers ``make(copies of params)``, one with its ``_update`` traced by dynamo
+    (``fullgraph=True``, eager backend); both take ``steps`` steps on the same float64 gradients drawn
+    from ``gen``. Returns their parameters (eager, traced)."""
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(6, 5), (5,), (3, 4, 5), (5, 4, 4)]
-    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    eager = cls([p.clone() for p in params], **kwargs)
-    traced = cls([p.clone() for p in params], **kwargs)
+    eager = make([p.clone() for p in params])
+    traced = make([p.clone() for p in params])
     traced._update = torch.compile(traced._update, backend="eager", fullgraph=True)
-    for _ in range(3):
+    for _ in range(steps):
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
         for opt in (eager, traced):
             for p, g in zip(opt.param_groups[0]["params"], grads):
                 p.grad = g.clone()
             opt.step()
-    for a, b in zip(eager.param_groups[0]["params"], traced.param_groups[0]["params"]):
+    return eager.param_groups[0]["params"], traced.param_groups[0]["params"]
+
+
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_kernel_traces_without_graph_breaks(name, cls, kwargs):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 4, 5), (5, 4, 4)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    eager, traced = eager_and_traced(lambda ps: cls(ps, **kwargs), params, gen)
+    for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

@@ -15,6 +15,7 @@ from torch import nn
 from danlu.optim.egd import EGD
 from danlu.optim.lion import Lion
 from danlu.wrappers.eg_step_size import EGStepSize
+from test_compile import eager_and_traced
 
 
 
@@ -341,21 +342,11 @@ def test_egd_signed_trains_the_mlp_in_bf16_and_keeps_dtypes():
     ids=["egu", "simplex", "signed", "budget"],
 )
 def test_egd_kernel_traces_without_graph_breaks_and_equals_eager(kw):
-    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     make = (lambda s: torch.randn(s, generator=gen, dtype=torch.float64)) if kw.get("signed") else (
         lambda s: torch.rand(s, generator=gen, dtype=torch.float64) + 0.1)
     params = [make(s) for s in [(6, 5), (5, 3), (3, 4, 5)]]
-    eager = EGD([p.clone() for p in params], lr=0.1, **kw)
-    traced = EGD([p.clone() for p in params], lr=0.1, **kw)
-    traced._update = torch.compile(traced._update, backend="eager", fullgraph=True)
-    for _ in range(3):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
-        for opt in (eager, traced):
-            for p, g in zip(opt.param_groups[0]["params"], grads):
-                p.grad = g.clone()
-            opt.step()
-    assert_bitwise(eager.param_groups[0]["params"], traced.param_groups[0]["params"])
+    assert_bitwise(*eager_and_traced(lambda ps: EGD(ps, lr=0.1, **kw), params, gen))
 
 
 # ================================== EGStepSize ====================================================
