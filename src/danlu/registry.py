@@ -25,7 +25,7 @@ from .wrappers.gradient_penalty import GradientPenalty
 from .zeroth.mgs import MGS
 from .zeroth.zero_order import ZeroOrder
 
-__all__ = ["create_optimizer", "list_optimizers", "OPTIMIZERS", "WRAPPERS"]
+__all__ = ["create_optimizer", "list_optimizers", "hyperparameter_names", "OPTIMIZERS", "WRAPPERS"]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adafactor": Adafactor,
@@ -51,6 +51,16 @@ WRAPPERS: dict[str, type[torch.optim.Optimizer]] = {
 def list_optimizers() -> list[str]:
     """Every name :func:`create_optimizer` accepts, sorted."""
     return sorted({**OPTIMIZERS, **WRAPPERS})
+
+
+def hyperparameter_names() -> frozenset[str]:
+    """The constructor keywords of every optimizer here (torch's baselines included): the names a
+    param group saved by one of them carries. ``load_state_dict`` refuses an untagged group that has
+    one its optimizer lacks."""
+    names: set[str] = set()
+    for cls in OPTIMIZERS.values():
+        names |= _accepted(cls)
+    return frozenset(names - {"accum_steps", "differentiable"})
 
 
 def _unknown(name: Any) -> ValueError:

@@ -11,9 +11,12 @@ the k micro-batches, so for optimizers whose update depends on the gradients onl
 Tiger) this is exactly the k-times-larger batch.
 
 :class:`AccumulatingOptimizer` implements the bookkeeping once: the window position, which parameters
-have absorbed gradients in the current window, the update-count-based state, ``is_update_step``, the
-state-dict entry, and the opt-in backward hooks that fold each gradient into the state as soon as it
-is produced and free ``.grad``. Subclasses provide ``_absorb`` (fold one micro-gradient) and ``_apply``
+have absorbed gradients in the current window, the update-count-based state, ``is_update_step``, and
+the opt-in backward hooks that fold each gradient into the state as soon as it is produced and free
+``.grad``. The window position is the param-group key ``accum_micro_step`` (micro-steps taken in the
+current window, 0 ≤ · < k) and each parameter's ``accum_pending`` state entry says whether it absorbed
+a gradient in the current window: both live where ``torch.distributed.checkpoint``'s state-dict helpers
+and ``ZeroRedundancyOptimizer`` keep what they save, so a run resumed mid-window continues exactly. Subclasses provide ``_absorb`` (fold one micro-gradient) and ``_apply``
 (move θ at the end of a window); ``_update`` is the plain one-step kernel used when ``accum_steps=1``.
 """
 
@@ -29,6 +32,8 @@ from .validate import check_number
 __all__ = ["AccumulatingOptimizer", "FusedBackwardHandle"]
 
 _ACCUM = "danlu_accumulation"
+MICRO_STEP = "accum_micro_step"  # param-group key: micro-steps taken in the current window
+PENDING = "accum_pending"  # per-parameter state: absorbed a micro-gradient in the current window
 
 
 class FusedBackwardHandle:
@@ -57,7 +62,6 @@ class AccumulatingOptimizer(DanluOptimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any], accum_steps: int = 1) -> None:
         check_number("accum_steps", accum_steps, low=1, integer=True)
         self.accum_steps = int(accum_steps)
-        self._micro_step = 0
         self._fused = False
         self.is_update_step = False
         super().__init__(params, defaults)
@@ -79,13 +83,31 @@ class AccumulatingOptimizer(DanluOptimizer):
         self._apply(p, grad, state, group)
 
     def _init_accum_state(self, state: dict[str, Any]) -> None:
-        """Call from ``_init_state``: the window a parameter last absorbed into (−1: nothing pending)."""
+        """Call from ``_init_state``: whether the parameter absorbed a gradient in the current window."""
         if self.accum_steps > 1:
-            state["window"] = -1
+            state[PENDING] = False
+
+    # --- the window position, kept in every param group ----------------------------------------
+    @property
+    def _micro_step(self) -> int:
+        """Micro-steps taken in the current window (0 ≤ · < accum_steps)."""
+        return int(self.param_groups[0].get(MICRO_STEP, 0)) if self.param_groups else 0
+
+    @_micro_step.setter
+    def _micro_step(self, value: int) -> None:
+        if self.accum_steps > 1:
+            for group in self.param_groups:
+                group[MICRO_STEP] = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.accum_steps > 1:
+            # A group added mid-window joins the window where the others are.
+            param_group = {**param_group, MICRO_STEP: self._micro_step}
+        super().add_param_group(param_group)
 
     # --- the micro-step machinery --------------------------------------------------------------
     def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int) -> None:
-        """Absorb ``grad`` at micro-step ``t`` (1-based) and, on the window's last micro-step, move θ."""
+        """Absorb ``grad`` at micro-step ``t`` of the window (1-based) and, on its last, move θ."""
         state = self.state[p]
         if len(state) == 0:
             self._init_state(p, group, state)
@@ -95,12 +117,11 @@ class AccumulatingOptimizer(DanluOptimizer):
         if k == 1:
             self._update(p, grad, state, group)
             return
-        window = (t - 1) // k
-        self._absorb(p, grad, state, group, state["window"] != window)
-        state["window"] = window
-        if t % k == 0:
+        self._absorb(p, grad, state, group, not state[PENDING])
+        state[PENDING] = True
+        if t == k:
             self._apply(p, grad, state, group)
-            state["window"] = -1
+            state[PENDING] = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -115,17 +136,16 @@ class AccumulatingOptimizer(DanluOptimizer):
         t = self._micro_step + 1
         for p, group in work:
             self._fold(p, p.grad, group, t)
-        update = t % self.accum_steps == 0
+        update = t == self.accum_steps
         if update and self.accum_steps > 1:
             # Parameters that absorbed gradients earlier in the window but had none now still move.
-            window = (t - 1) // self.accum_steps
             for group in self.param_groups:
                 for p in group["params"]:
                     state = self.state.get(p)
-                    if state and state.get("window") == window:
+                    if state and state.get(PENDING):
                         self._apply(p, None, state, group)
-                        state["window"] = -1
-        self._micro_step = t if self.accum_steps > 1 else 0
+                        state[PENDING] = False
+        self._micro_step = 0 if update else t
         self.is_update_step = update
         return loss
 
@@ -165,23 +185,62 @@ class AccumulatingOptimizer(DanluOptimizer):
     # --- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd[_ACCUM] = {"accum_steps": self.accum_steps, "micro_step": self._micro_step}
+        # A check only (a tool that keeps just state and param_groups may drop it): the window
+        # position itself is in the groups.
+        sd[_ACCUM] = {"accum_steps": self.accum_steps}
         return sd
 
+    def _migrate(self, state_dict: Any) -> Any:
+        """danlu ≤ 0.1 kept the absolute micro-step t in a top-level entry and, per parameter, the index
+        of the window it last absorbed into (``window``, −1: none): convert to the group position
+        t mod k and the per-parameter ``accum_pending``."""
+        state_dict = super()._migrate(state_dict)
+        saved = state_dict.get(_ACCUM) if isinstance(state_dict, dict) else None
+        if not isinstance(saved, dict) or "micro_step" not in saved or "param_groups" not in state_dict:
+            return state_dict
+        k, t = saved.get("accum_steps"), saved["micro_step"]
+        if not isinstance(k, int) or not isinstance(t, int) or k < 1 or t < 0:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: malformed {_ACCUM!r} entry {saved!r}")
+        out = dict(state_dict)
+        out[_ACCUM] = {"accum_steps": k}
+        if k > 1:
+            out["param_groups"] = [{**g, MICRO_STEP: t % k} for g in state_dict["param_groups"]]
+        out["state"] = {}
+        for pid, st in state_dict["state"].items():
+            if isinstance(st, dict) and "window" in st:
+                st = {key: v for key, v in st.items() if key != "window"}
+                st[PENDING] = state_dict["state"][pid]["window"] == t // k
+            out["state"][pid] = st
+        return out
+
     def _check_state_dict(self, sd: Any) -> None:
+        me = type(self).__name__
         saved = sd.get(_ACCUM) if isinstance(sd, dict) else None
         if saved is not None and saved.get("accum_steps") != self.accum_steps:
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state dict was saved with accum_steps="
+                f"{me}.load_state_dict: the state dict was saved with accum_steps="
                 f"{saved.get('accum_steps')!r}, this optimizer has accum_steps={self.accum_steps}"
             )
         super()._check_state_dict(sd)
+        micro = [g.get(MICRO_STEP, 0) for g in sd["param_groups"]]
+        for m in micro:
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.accum_steps:
+                raise ValueError(
+                    f"{me}.load_state_dict: {MICRO_STEP}={m!r} is not a position in a window of "
+                    f"accum_steps={self.accum_steps} (expected an int in [0, {self.accum_steps}))"
+                )
+        if len(set(micro)) > 1:
+            raise ValueError(f"{me}.load_state_dict: the param groups are at different {MICRO_STEP} {micro}")
 
-    def _load_extra(self, state_dict: dict[str, Any]) -> None:
-        self._micro_step = int(state_dict.get(_ACCUM, {}).get("micro_step", 0))
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.accum_steps > 1:
+            self._micro_step = self._micro_step  # a group saved without the key starts a window
+            for st in self.state.values():
+                st.setdefault(PENDING, False)
+        self.is_update_step = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(accum_steps=self.accum_steps, _micro_step=self._micro_step, _fused=False,
-                     is_update_step=self.is_update_step)
+        state.update(accum_steps=self.accum_steps, _fused=False, is_update_step=self.is_update_step)
         return state

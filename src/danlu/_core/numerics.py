@@ -2,7 +2,8 @@
 
 All functions are plain tensor code with no ``.item()`` and no branching on tensor values, so a kernel
 built from them stays ``torch.compile``-clean. Scalars that change between steps (bias corrections,
-relative step sizes) are 0-d float64 tensors computed from the step count.
+relative step sizes) are 0-d float64 tensors computed from the step count; the lr may be a Python
+number or a 0-d tensor (torch's compile-friendly form), and every helper here takes either.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 
 __all__ = [
     "decoupled_decay_",
+    "add_scaled_",
+    "scalar_sqrt",
     "rms",
     "factored_dims",
     "factored_rsqrt",
@@ -26,7 +29,19 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def decoupled_decay_(param: torch.Tensor, lr: float, weight_decay: float) -> None:
+def add_scaled_(x: torch.Tensor, y: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """x += alpha·y in place, for a Python-number alpha (one fused op) or a 0-d tensor alpha."""
+    if isinstance(alpha, torch.Tensor):
+        return x.add_(y * alpha)
+    return x.add_(y, alpha=alpha)
+
+
+def scalar_sqrt(x: float | torch.Tensor) -> float | torch.Tensor:
+    """√x of a Python number (``math.sqrt``) or of a 0-d tensor."""
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def decoupled_decay_(param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float) -> None:
     """AdamW-style decay on the pre-update parameter, multiplied by the lr: θ ← θ·(1 − lr·λ)."""
     if weight_decay != 0.0:
         param.mul_(1.0 - lr * weight_decay)

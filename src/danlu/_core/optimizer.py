@@ -7,17 +7,25 @@ It adds to :class:`torch.optim.Optimizer`:
 * lazy state: :meth:`_init_state` runs the first time a parameter has a gradient;
 * a :meth:`step` that checks every gradient (sparse, complex) before touching any parameter, then
   calls the per-tensor kernel :meth:`_update` for each parameter with a gradient;
-* a ``state_dict`` tagged with the optimizer's class and a ``load_state_dict`` that refuses, before
-  changing anything, a state dict from another optimizer or another parameter layout.
+* a ``state_dict`` tagged with the optimizer's class and a ``load_state_dict`` that runs torch's load
+  pre-hooks first, converts state dicts of earlier danlu releases, and then refuses, before changing
+  anything, a state dict from another optimizer or another parameter layout.
+
+Everything a checkpoint must carry lives in ``state`` and ``param_groups``, the two entries that
+torch's own tools keep (``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` and
+``set_optimizer_state_dict``, ``ZeroRedundancyOptimizer``); top-level entries beside them are only
+checks and descriptions that such a tool may drop.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["DanluOptimizer", "ParamsT", "init_moments"]
+__all__ = ["DanluOptimizer", "ParamsT", "init_moments", "new_step", "STEP_DTYPE", "is_state_init_step"]
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -26,16 +34,57 @@ _TAG = "danlu_optimizer"
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 
+# The update counter's dtype: float32, as torch.optim's own (exact up to 2**24 ≈ 16.7M steps). An
+# in-place add on a 0-d float64 CPU tensor is lost under torch.compile (aot_eager and inductor, torch
+# 2.13): the counter would stay at 1. Kernels cast it to float64 for the math that needs it.
+STEP_DTYPE = torch.float32
+
+
+def new_step() -> torch.Tensor:
+    """A fresh 0-d update counter (``state["step"]``)."""
+    return torch.zeros((), dtype=STEP_DTYPE)
+
+
+def _known_hyperparameters() -> frozenset[str]:
+    """Hyperparameter names of torch.optim's optimizers (constructor keywords): a saved param group
+    that has one this optimizer lacks was saved by another optimizer. Keys that lr schedulers and
+    wrappers add (``max_lr``, ``initial_lr``, ``swa_lr``, ``lookahead_k``, ...) are not among them."""
+    names: set[str] = set()
+    for obj in vars(torch.optim).values():
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            names.update(inspect.signature(obj.__init__).parameters)
+    return frozenset(names - {"self", "params", "defaults", "differentiable"})
+
+
+_TORCH_HYPERPARAMETERS = _known_hyperparameters()
+
+
+def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a ``step()`` without a closure is the state initialisation of
+    ``torch.distributed.checkpoint``'s state-dict helpers: every lr is 0 and every parameter that
+    requires grad has an all-zero gradient. Closure-driven optimizers (GradientPenalty, MGS,
+    ZeroOrder) step their inner optimizer on it instead of refusing the missing closure; nothing
+    moves, and the state it creates is what the checkpoint then overwrites."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if not params or any(not isinstance(g.get("lr", 0.0), (int, float, torch.Tensor)) or float(g.get("lr", 0.0)) != 0.0
+                         for g in optimizer.param_groups if g.get("lr") is not None):
+        return False
+    return all(p.grad is not None and not p.grad.is_sparse and not bool(p.grad.any()) for p in params)
+
 
 def init_moments(p: torch.Tensor, state: dict[str, Any]) -> None:
-    """Adam-style state: a 0-d float64 update counter and two moment buffers shaped like ``p``."""
-    state["step"] = torch.zeros((), dtype=torch.float64)
+    """Adam-style state: a 0-d float32 update counter and two moment buffers shaped like ``p``."""
+    state["step"] = new_step()
     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class DanluOptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_validate_group``, ``_init_state`` and ``_update``."""
+
+    # State entries ``_update`` creates when a setting that needs them is switched on mid-run (e.g.
+    # Amos's ``momentum``): a saved state may lack them.
+    _optional_state: frozenset[str] = frozenset()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate_group(dict(defaults), [])
@@ -120,15 +169,39 @@ class DanluOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same optimizer class over the same parameter layout.
 
-        Refuses (``ValueError``), before changing anything, a state dict from another optimizer class
-        (tagged by :meth:`state_dict`; an untagged one, e.g. rebuilt by a checkpointing tool, must not
-        carry hyperparameters this optimizer lacks), with missing hyperparameter keys, another number
-        of groups or parameters per group, or state entries whose names or shapes do not fit the
-        parameters.
+        Order: torch's load-state-dict pre-hooks (so a migration hook sees the dict first), then the
+        conversion of state dicts saved by earlier danlu releases (:meth:`_migrate`), then the checks,
+        then torch's load and its post-hooks. Refuses (``ValueError``), before changing anything, a
+        state dict from another optimizer class (tagged by :meth:`state_dict`; an untagged one, e.g.
+        rebuilt by ``torch.distributed.checkpoint``, must not carry hyperparameters of another torch
+        or danlu optimizer that this one lacks), with missing hyperparameter keys, another number of
+        groups or parameters per group, missing state entries or state whose shapes do not fit the
+        parameters. Group keys that lr schedulers or wrappers add (``max_lr``, ``swa_lr``, timm
+        Lookahead's ``lookahead_*``) and extra per-parameter state (``lookahead_slow_buff``) are kept,
+        as torch.optim keeps them. A ``step`` saved as a Python number or as a float64 tensor (danlu
+        ≤ 0.1) is loaded as the float32 counter.
         """
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        state_dict = self._migrate(state_dict)
         self._check_state_dict(state_dict)
         self._load_extra(state_dict)
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they ran above
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+        for st in self.state.values():
+            step = st.get("step")
+            if step is not None and not (isinstance(step, torch.Tensor) and step.dtype == STEP_DTYPE):
+                st["step"] = torch.tensor(float(step), dtype=STEP_DTYPE)
+
+    def _migrate(self, state_dict: Any) -> Any:
+        """Convert a state dict of an earlier danlu release to the current layout (a new dict)."""
+        return state_dict
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         """Restore what a subclass's ``state_dict`` adds beside ``state``/``param_groups`` (checked)."""
@@ -140,6 +213,10 @@ class DanluOptimizer(torch.optim.Optimizer):
         tag = sd.get(_TAG)
         if tag is not None and tag != me:
             raise ValueError(f"{me}.load_state_dict got a state dict saved by {tag}")
+        wrapped = [v["type"] for k, v in sd.items() if k.startswith("danlu_") and isinstance(v, dict) and "type" in v]
+        if wrapped:
+            raise ValueError(f"{me}.load_state_dict got a state dict saved by {wrapped[0]} (a wrapper around {me}): "
+                             f"load it into the wrapper, or pass its inner part without the 'danlu_' entries")
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -159,11 +236,11 @@ class DanluOptimizer(torch.optim.Optimizer):
                     f"{me}.load_state_dict: param group {i} lacks hyperparameters {missing}; "
                     "the state dict was saved by a different optimizer"
                 )
-            foreign = sorted(set(saved) - set(mine) - _GROUP_BOOKKEEPING)
+            foreign = sorted((set(saved) & self._foreign_hyperparameters()) - set(mine))
             if tag is None and foreign:
                 raise ValueError(
-                    f"{me}.load_state_dict: param group {i} has hyperparameters {foreign} that {me} does not "
-                    "have; the state dict was saved by a different optimizer"
+                    f"{me}.load_state_dict: param group {i} has hyperparameters {foreign} of another optimizer "
+                    f"that {me} does not have; the state dict was saved by a different optimizer"
                 )
             merged = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
             try:
@@ -175,21 +252,36 @@ class DanluOptimizer(torch.optim.Optimizer):
         for pid, st in sd["state"].items():
             if pid not in index:
                 raise ValueError(f"{me}.load_state_dict: state for unknown parameter id {pid!r}")
-            p, group = index[pid]
-            expected: dict[str, Any] = {}
-            self._init_state(torch.empty_like(p, device="meta"), group, expected)
-            if set(st) != set(expected):
-                raise ValueError(
-                    f"{me}.load_state_dict: parameter {pid!r} has state {sorted(st)}, "
-                    f"expected {sorted(expected)}; the state dict was saved by a different optimizer "
-                    "or with different settings"
-                )
-            for key, ref in expected.items():
-                val = st[key]
-                if isinstance(ref, torch.Tensor):
-                    if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(ref.shape):
-                        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-                        raise ValueError(
-                            f"{me}.load_state_dict: state {key!r} of parameter {pid!r} has shape {shape}, "
-                            f"expected {tuple(ref.shape)} for a parameter of shape {tuple(p.shape)}"
-                        )
+            self._check_param_state(pid, st, *index[pid])
+
+    def _foreign_hyperparameters(self) -> frozenset[str]:
+        """Names that mark a param group as another optimizer's: torch.optim's and danlu's own."""
+        from .. import registry  # noqa: PLC0415 (the registry imports every optimizer)
+
+        return _TORCH_HYPERPARAMETERS | registry.hyperparameter_names()
+
+    def _check_param_state(self, pid: Any, st: Any, p: torch.Tensor, group: dict[str, Any]) -> None:
+        me = type(self).__name__
+        if not isinstance(st, dict):
+            raise ValueError(f"{me}.load_state_dict: the state of parameter {pid!r} is not a dict")
+        expected: dict[str, Any] = {}
+        self._init_state(torch.empty_like(p, device="meta"), group, expected)
+        missing = sorted(set(expected) - set(st) - self._optional_state)
+        if missing:
+            raise ValueError(
+                f"{me}.load_state_dict: parameter {pid!r} has state {sorted(st)}, which lacks {missing}; "
+                "the state dict was saved by a different optimizer or with different settings"
+            )
+        for key, ref in expected.items():
+            if key not in st:
+                continue
+            val = st[key]
+            if key == "step" and isinstance(val, (int, float)) and not isinstance(val, bool):
+                continue  # a Python-number step, as torch.optim accepts
+            if isinstance(ref, torch.Tensor):
+                if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(ref.shape):
+                    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+                    raise ValueError(
+                        f"{me}.load_state_dict: state {key!r} of parameter {pid!r} has shape {shape}, "
+                        f"expected {tuple(ref.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )

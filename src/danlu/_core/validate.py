@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_number", "check_betas", "check_bool", "check_optional", "check_choice"]
+__all__ = ["check_number", "check_lr", "check_betas", "check_bool", "check_optional", "check_choice"]
 
 
 def _fail(name: str, value: Any, expected: str, exc: type[Exception] = ValueError) -> None:
@@ -57,6 +57,26 @@ def check_number(
     if high is not None and (x > high or (high_open and x == high)):
         _fail(name, value, f"a number in {interval}")
     return x
+
+
+def check_lr(value: Any, name: str = "lr") -> Any:
+    """Check a learning rate: a finite real number ≥ 0, or a 1-element floating-point tensor holding one.
+
+    A tensor lr is torch's recipe for stepping under ``torch.compile`` without a recompile when a
+    scheduler changes it (schedulers ``fill_`` it in place): it is returned as is (a 1-element tensor
+    of shape ``(1,)`` as a 0-d view of it, so it broadcasts against 0-d parameters). Anything else
+    raises like :func:`check_number`; a tensor with more than one element raises ``ValueError``
+    ("Tensor lr must be 1-element", torch's words).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            _fail(name, value, f"a number or a 1-element tensor: Tensor {name} must be 1-element")
+        if not value.is_floating_point() or value.requires_grad:
+            _fail(name, value, "a floating-point tensor that does not require grad", TypeError)
+        check_number(name, float(value.detach()), low=0.0)
+        return value if value.dim() == 0 else value.view(())
+    check_number(name, value, low=0.0)
+    return value
 
 
 def check_optional(name: str, value: Any, **kwargs: Any) -> float | None:

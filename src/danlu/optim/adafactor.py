@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from .._core.numerics import factored_dims, factored_rsqrt, rms
-from .._core.optimizer import DanluOptimizer, ParamsT
-from .._core.validate import check_bool, check_number, check_optional
+from .._core.optimizer import DanluOptimizer, ParamsT, new_step
+from .._core.validate import check_bool, check_lr, check_number, check_optional
 
 __all__ = ["Adafactor", "adafactor_update"]
 
@@ -18,7 +18,8 @@ def adafactor_update(
     grad: torch.Tensor,
     state: dict[str, torch.Tensor],
     *,
-    lr: float | None,
+    lr: float | torch.Tensor,
+    relative_step: bool,
     eps1: float,
     eps2: float,
     clip_threshold: float,
@@ -28,16 +29,17 @@ def adafactor_update(
     scale_parameter: bool,
     dims: tuple[int, int] | None,
 ) -> None:
-    """One Adafactor step for one tensor, in place; ``state["step"]`` (0-d float64) is incremented here.
+    """One Adafactor step for one tensor, in place; ``state["step"]`` (the 0-d counter) is incremented here.
 
     β̂_t = 1 − t^(−c);  G2 = g² + ε1;  factored: R ← β̂R + (1−β̂)·mean_{d0}G2, C ← β̂C + (1−β̂)·mean_{d1}G2,
     V̂ = R·C/mean(R);  unfactored: V̂ ← β̂V̂ + (1−β̂)G2;  U = g/√V̂;  Û = U/max(1, RMS(U)/d);
-    [m ← β1·m + (1−β1)·Û];  ρ_t = lr or min(1e-2, 1/√t);  α_t = ρ_t·max(ε2, RMS(θ)) (or ρ_t);
+    [m ← β1·m + (1−β1)·Û];  ρ_t = min(lr, 1/√t) (relative) or lr;  α_t = ρ_t·max(ε2, RMS(θ)) (or ρ_t);
     θ ← θ·(1 − ρ_t·λ) − α_t·Û (or m).
     """
     step = state["step"]
     step.add_(1)
-    one_minus_beta2 = step.pow(-decay_rate)  # 1 − β̂_t, exactly 1 at t = 1
+    t = step.to(torch.float64)
+    one_minus_beta2 = t.pow(-decay_rate)  # 1 − β̂_t, exactly 1 at t = 1
     beta2_hat = 1.0 - one_minus_beta2
     g2 = grad.square().add_(eps1)
     if dims is not None:
@@ -55,7 +57,8 @@ def adafactor_update(
         exp_avg = state["exp_avg"]
         exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
         update = exp_avg
-    rho = torch.clamp(step.rsqrt(), max=1e-2) if lr is None else torch.tensor(lr, dtype=torch.float64)
+    lr64 = torch.as_tensor(lr, dtype=torch.float64)
+    rho = torch.minimum(t.rsqrt(), lr64) if relative_step else lr64
     alpha = rho * torch.clamp(rms(param), min=eps2) if scale_parameter else rho
     if weight_decay != 0.0:
         param.mul_(1.0 - rho * weight_decay)
@@ -77,7 +80,7 @@ class Adafactor(DanluOptimizer):
             V̂_t = β̂_t·V̂_{t−1} + (1 − β̂_t)·G²
         U_t = g / √V̂_t;   Û_t = U_t / max(1, RMS(U_t)/d)               # d = clip_threshold
         [m_t = β1·m_{t−1} + (1 − β1)·Û_t; use m_t below]               # optional momentum
-        ρ_t = lr if lr is not None else min(1e-2, 1/√t)
+        ρ_t = min(lr, 1/√t) if relative_step else lr          # default: min(1e-2, 1/√t)
         α_t = ρ_t·max(ε2, RMS(θ_{t−1})) if scale_parameter else ρ_t
         θ_t = θ_{t−1}·(1 − ρ_t·λ) − α_t·Û_t
 
@@ -89,9 +92,15 @@ class Adafactor(DanluOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: ``None`` (default) for the relative step min(1e-2, 1/√t); a float is the absolute ρ, so
-            ``torch.optim.lr_scheduler`` schedules it (schedulers need a float: with ``lr=None`` the
-            group's ``lr`` is ``None`` and a scheduler cannot multiply it).
+        lr: with ``relative_step`` the cap of the relative step, ρ_t = min(lr, 1/√t) (the paper's
+            min(1e-2, 1/√t) at the default lr = 1e-2, as ``torch.optim.Adafactor``); without it the
+            absolute ρ. Either way a number (or a 0-d tensor) that ``torch.optim.lr_scheduler``
+            scales: a schedule on the cap acts once it falls below 1/√t (after step 10⁴ at 1e-2, or
+            wherever it decays the cap below the relative step). Leaving ``lr`` unset (``None``)
+            means 1e-2.
+        relative_step: use the relative step min(lr, 1/√t) (``True``) or the absolute ρ = lr
+            (``False``). Default ``None``: relative when ``lr`` is not given, absolute when it is (as
+            danlu ≤ 0.1, where a float lr was the absolute ρ).
         eps: (ε1, ε2) = (1e-30, 1e-3): ε1 regularises G², ε2 floors the parameter scale.
         clip_threshold: d, the bound on RMS(Û) (default 1.0).
         decay_rate: c > 0 in β̂_t = 1 − t^(−c) (default 0.8).
@@ -115,10 +124,14 @@ class Adafactor(DanluOptimizer):
         Weight decay multiplies ρ_t. State is kept in the parameter's dtype.
     """
 
+    # ``beta1`` may be switched on between steps (or by a scheduler): ``exp_avg`` then starts at 0.
+    _optional_state = frozenset({"exp_avg"})
+
     def __init__(
         self,
         params: ParamsT,
         lr: float | None = None,
+        relative_step: bool | None = None,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float = 1.0,
         decay_rate: float = 0.8,
@@ -127,8 +140,11 @@ class Adafactor(DanluOptimizer):
         scale_parameter: bool = True,
         min_dim_size_to_factor: int = 128,
     ) -> None:
+        if relative_step is None:
+            relative_step = lr is None
         defaults = dict(
-            lr=lr,
+            lr=1e-2 if lr is None else lr,
+            relative_step=relative_step,
             eps=eps,
             clip_threshold=clip_threshold,
             decay_rate=decay_rate,
@@ -140,7 +156,8 @@ class Adafactor(DanluOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_optional("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
+        check_bool("relative_step", group["relative_step"])
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise TypeError(f"Invalid eps: {eps!r} (expected a pair (eps1, eps2))")
@@ -153,7 +170,7 @@ class Adafactor(DanluOptimizer):
         check_number("min_dim_size_to_factor", group["min_dim_size_to_factor"], low=1, integer=True)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float64)
+        state["step"] = new_step()
         dims = factored_dims(p.shape, group["min_dim_size_to_factor"])
         if dims is None:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -168,13 +185,30 @@ class Adafactor(DanluOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _migrate(self, state_dict: Any) -> Any:
+        """danlu ≤ 0.1 had no ``relative_step``: ``lr=None`` meant the relative step min(1e-2, 1/√t)
+        and a float lr the absolute ρ."""
+        state_dict = super()._migrate(state_dict)
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or all(not isinstance(g, dict) or "relative_step" in g for g in groups):
+            return state_dict
+        converted = []
+        for g in groups:
+            if isinstance(g, dict) and "relative_step" not in g and "lr" in g:
+                g = {**g, "relative_step": g["lr"] is None, "lr": 1e-2 if g["lr"] is None else g["lr"]}
+            converted.append(g)
+        return {**state_dict, "param_groups": converted}
+
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         eps1, eps2 = group["eps"]
+        if group["beta1"] is not None and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # switched on mid-run
         adafactor_update(
             p,
             grad,
             state,
             lr=group["lr"],
+            relative_step=group["relative_step"],
             eps1=eps1,
             eps2=eps2,
             clip_threshold=group["clip_threshold"],

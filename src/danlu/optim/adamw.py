@@ -9,7 +9,7 @@ import torch
 from .._core.accumulate import AccumulatingOptimizer
 from .._core.numerics import decoupled_decay_
 from .._core.optimizer import ParamsT, init_moments
-from .._core.validate import check_betas, check_number
+from .._core.validate import check_betas, check_lr, check_number
 
 __all__ = ["AdamW"]
 
@@ -67,7 +67,7 @@ class AdamW(AccumulatingOptimizer):
         super().__init__(params, defaults, accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         group["betas"] = check_betas("betas", group["betas"])
         check_number("eps", group["eps"], low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -91,8 +91,9 @@ class AdamW(AccumulatingOptimizer):
         lr = group["lr"]
         step = state["step"]
         step.add_(1)
-        bias_correction1 = 1.0 - torch.pow(beta1, step)
-        bias_correction2_sqrt = (1.0 - torch.pow(beta2, step)).sqrt()
+        t = step.to(torch.float64)
+        bias_correction1 = 1.0 - torch.pow(beta1, t)
+        bias_correction2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
         decoupled_decay_(p, lr, group["weight_decay"])
         denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
         p.sub_(state["exp_avg"].div(denom).mul_(lr / bias_correction1))

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .._core.numerics import decoupled_decay_
+from .._core.numerics import add_scaled_, decoupled_decay_
 from .._core.optimizer import DanluOptimizer, ParamsT, init_moments
-from .._core.validate import check_betas, check_number
+from .._core.validate import check_betas, check_lr, check_number
 
 __all__ = ["AdaX", "adax_update", "adax_beta_hat"]
 
@@ -17,7 +17,8 @@ __all__ = ["AdaX", "adax_update", "adax_beta_hat"]
 def adax_beta_hat(step: torch.Tensor, beta2: float) -> torch.Tensor:
     """β̂_t = 1 − β2 / ((1+β2)^t − 1), with (1+β2)^t − 1 = expm1(t·log1p(β2)) in float64.
 
-    ``step`` is a float64 tensor (0-d in the optimizer). β̂_1 = 0 up to float64 rounding, β̂_t → 1.
+    ``step`` is the update counter (0-d in the optimizer), cast to float64 here. β̂_1 = 0 up to float64
+    rounding, β̂_t → 1.
     """
     return 1.0 - beta2 / torch.expm1(step.to(torch.float64) * math.log1p(beta2))
 
@@ -29,13 +30,13 @@ def adax_update(
     exp_avg_sq: torch.Tensor,
     step: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One AdaX-W step for one tensor, in place. ``step`` (0-d float64) is incremented here.
+    """One AdaX-W step for one tensor, in place. ``step`` (the 0-d counter) is incremented here.
 
     m ← β1·m + (1−β1)·g;  v̂ ← β̂_t·v̂ + (1−β̂_t)·g²;  θ ← θ·(1−η·λ) − η·m/(√v̂ + ε)
     """
@@ -44,7 +45,10 @@ def adax_update(
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta_hat).add_(grad.square().mul_(1.0 - beta_hat))
     decoupled_decay_(param, lr, weight_decay)
-    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+    if isinstance(lr, torch.Tensor):
+        add_scaled_(param, exp_avg / exp_avg_sq.sqrt().add_(eps), -lr)
+    else:
+        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
 
 
 class AdaX(DanluOptimizer):
@@ -62,8 +66,9 @@ class AdaX(DanluOptimizer):
     bias-corrected, the first step is −η·(1−β1)·sign(g): an implicit warm-up over ≈1/(1−β1) steps.
 
     Numerics: the raw v and (1+β2)^t overflow float32 after ≈0.9M steps; the normalised recursion does
-    not, and (1+β2)^t − 1 is computed as expm1(t·log1p(β2)) in float64 (the step counter is a 0-d
-    float64 tensor), so AdaX is safe for many millions of steps.
+    not, and (1+β2)^t − 1 is computed as expm1(t·log1p(β2)) in float64 from the step counter (a 0-d
+    float32 tensor, exact up to 2^24 ≈ 16.7M steps, as torch.optim's; by then β̂_t = 1 in float64), so
+    AdaX is safe for many millions of steps.
 
     Args:
         params: parameters or param groups.
@@ -72,7 +77,7 @@ class AdaX(DanluOptimizer):
         eps: ε, added outside the square root of the normalised v̂ (default 1e-6, Su's V2 value).
         weight_decay: λ, decoupled and multiplied by lr (default 0).
 
-    State: ``step`` (0-d float64), ``exp_avg`` (m) and ``exp_avg_sq`` (v̂), in the parameter's dtype.
+    State: ``step`` (0-d float32), ``exp_avg`` (m) and ``exp_avg_sq`` (v̂), in the parameter's dtype.
 
     References:
         Li, Zhang, Wang, Luo, "AdaX: Adaptive Gradient Descent with Exponential Long Term Memory",
@@ -97,7 +102,7 @@ class AdaX(DanluOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         beta1, beta2 = check_betas("betas", group["betas"])
         if beta2 == 0.0:
             check_number("betas[1]", beta2, low=0.0, low_open=True, high=1.0, high_open=True)

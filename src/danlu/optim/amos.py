@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .._core.modules import classify_parameters
-from .._core.numerics import propagate_nonfinite_
-from .._core.optimizer import DanluOptimizer, ParamsT
-from .._core.validate import check_number, check_optional
+from .._core.numerics import propagate_nonfinite_, scalar_sqrt
+from .._core.optimizer import DanluOptimizer, ParamsT, new_step
+from .._core.validate import check_lr, check_number, check_optional
 
 __all__ = ["Amos", "amos_update", "amos_groups", "amos_layout"]
 
@@ -37,7 +37,7 @@ def amos_update(
     grad: torch.Tensor,
     state: dict[str, torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     eta: float,
     reduce_dims: tuple[int, ...],
     beta: float,
@@ -64,11 +64,11 @@ def amos_update(
         g2 = g2.mean(dim=reduce_dims, keepdim=True)
     v.mul_(beta).add_(g2, alpha=1.0 - beta)
     # ε = 2^-125 is below float16's range; floor it at the dtype's smallest normal.
-    r = (1.0 - torch.pow(beta, step)) / v.clamp(min=max(eps, torch.finfo(v.dtype).tiny))
+    r = (1.0 - torch.pow(beta, step.to(torch.float64))) / v.clamp(min=max(eps, torch.finfo(v.dtype).tiny))
     xi = lr
     init_lr = xi * eta
-    gamma = r.mul(g2).mul_(xi * xi).div_(b.mul(c_coef * math.sqrt(xi)).add_(1.0).sqrt_())
-    dfac = b.mul(d_coef * math.sqrt(init_lr)).add_(1.0).reciprocal_()
+    gamma = r.mul(g2).mul_(xi * xi).div_(b.mul(c_coef * scalar_sqrt(xi)).add_(1.0).sqrt_())
+    dfac = b.mul(d_coef * scalar_sqrt(init_lr)).add_(1.0).reciprocal_()
     delta = torch.mul(grad, r.sqrt_().mul_(init_lr))
     delta.addcmul_(param, gamma.mul(0.5).add_(extra_l2)).mul_(dfac).neg_()
     b.add_(gamma * (1.0 + b))
@@ -99,8 +99,12 @@ class Amos(DanluOptimizer):
     and the decay rate (1/√(1+c·…b)) on its own, with no external schedule. At step 1 with v averaged
     over the whole tensor, γ_1 = ξ², b_1 = ξ² and the gradient part of Δθ is ξ·η̃·g/RMS(g).
 
-    State: ``step`` (0-d float64), ``v`` and ``b`` of shape S (e.g. one number per output unit of a
-    Linear weight), ``exp_avg`` (full shape) only when ``momentum`` is set.
+    State: ``step`` (0-d float32), ``v`` and ``b`` of shape S (e.g. one number per output unit of a
+    Linear weight), ``exp_avg`` (full shape) only when ``momentum`` is set. ``momentum`` may be
+    switched on between steps, by hand or by a scheduler: ``exp_avg`` then starts at 0. Note that
+    ``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum=True`` (their default) do exactly that, as
+    they do to ``torch.optim.SGD(momentum=0)``: they write a cycled ``momentum`` into every group, from
+    the step they are attached on. Pass ``cycle_momentum=False`` to keep Amos without momentum.
 
     Args:
         params: parameters or param groups. Groups may set ``eta`` (η̃ > 0) and ``reduce_dims`` (a
@@ -108,8 +112,8 @@ class Amos(DanluOptimizer):
             neither, they are inferred per tensor: ≥2-D tensors average over every dim but 0 with
             η̃ = √(1/fan_in), fan_in = numel/shape[0]; 1-D tensors keep one scalar with η̃ = 0.5.
             :func:`danlu.amos_groups` builds groups from a model's modules.
-        lr: ξ, the global learning rate (required); the paper recommends ≈ 1/√N for N independent
-            batches (e.g. 1/√(60000/32) on MNIST).
+        lr: ξ, the global learning rate (default 1e-2, i.e. 1/√N for N = 10⁴); the paper recommends
+            ≈ 1/√N for N independent batches (e.g. 1/√(60000/32) on MNIST).
         beta: β for v (default 0.999; 1 − β of the order of ξ).
         momentum: μ, an EMA of the update applied after Amos (default ``None``; BERT used 0.9).
         clip_value: elementwise gradient clipping applied first (default ``None``).
@@ -131,10 +135,12 @@ class Amos(DanluOptimizer):
         ε is floored at the dtype's smallest normal number.
     """
 
+    _optional_state = frozenset({"exp_avg"})
+
     def __init__(
         self,
         params: ParamsT,
-        lr: float,
+        lr: float = 1e-2,
         beta: float = 0.999,
         momentum: float | None = None,
         clip_value: float | None = None,
@@ -158,7 +164,7 @@ class Amos(DanluOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_optional("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_optional("clip_value", group["clip_value"], low=0.0, low_open=True)
@@ -188,7 +194,7 @@ class Amos(DanluOptimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         _, dims = amos_layout(p, group.get("eta"), group.get("reduce_dims"))
         shape = [1 if i in dims else n for i, n in enumerate(p.shape)]
-        state["step"] = torch.zeros((), dtype=torch.float64)
+        state["step"] = new_step()
         state["v"] = p.new_zeros(shape)
         state["b"] = p.new_zeros(shape)
         if group["momentum"] is not None:
@@ -196,6 +202,8 @@ class Amos(DanluOptimizer):
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         eta, dims = amos_layout(p, group.get("eta"), group.get("reduce_dims"))
+        if group["momentum"] is not None and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # switched on mid-run
         amos_update(
             p,
             grad,

@@ -8,7 +8,7 @@ import torch
 
 from .._core.numerics import acc_dtype, propagate_nonfinite_
 from .._core.optimizer import DanluOptimizer, ParamsT
-from .._core.validate import check_bool, check_number, check_optional
+from .._core.validate import check_bool, check_lr, check_number, check_optional
 
 __all__ = ["EGD", "egd_update"]
 
@@ -18,7 +18,7 @@ def egd_update(
     grad: torch.Tensor,
     theta_minus: torch.Tensor | None,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     clamp: float,
     simplex_dim: int | None = None,
     l1_budget: float | None = None,
@@ -105,8 +105,8 @@ class EGD(DanluOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: η ≥ 0 (required). In EGU mode η·g is a relative change of θ, so η is scale-free in θ but
-            not in g.
+        lr: η ≥ 0 (default 1e-2). In EGU mode η·g is a relative change of θ, so η is scale-free in θ
+            but not in g.
         simplex_dim: renormalise every slice along this dim onto the simplex (default None: EGU).
             Not with ``signed=True``.
         signed: EG± for parameters of either sign (default False: every entry must be > 0, checked
@@ -144,7 +144,7 @@ class EGD(DanluOptimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float,
+        lr: float = 1e-2,
         simplex_dim: int | None = None,
         signed: bool = False,
         clamp: float = 20.0,
@@ -155,7 +155,7 @@ class EGD(DanluOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         check_number("clamp", group["clamp"], low=0.0, low_open=True)
         check_number("delta", group["delta"], low=0.0, low_open=True)
         check_optional("l1_budget", group["l1_budget"], low=0.0, low_open=True)

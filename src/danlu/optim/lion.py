@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from .._core.accumulate import AccumulatingOptimizer
-from .._core.numerics import decoupled_decay_, propagate_nonfinite_
+from .._core.numerics import add_scaled_, decoupled_decay_, propagate_nonfinite_
 from .._core.optimizer import ParamsT
-from .._core.validate import check_betas, check_number
+from .._core.validate import check_betas, check_lr, check_number
 
 __all__ = ["Lion", "Tiger", "lion_update"]
 
@@ -19,7 +19,7 @@ def lion_update(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -32,11 +32,11 @@ def lion_update(
     exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
 
 
-def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float, weight_decay: float) -> None:
+def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor, weight_decay: float) -> None:
     """θ ← θ·(1 − η·λ) − η·sign(c), with NaN wherever c is not finite."""
     update = propagate_nonfinite_(torch.sign(c), c)
     decoupled_decay_(param, lr, weight_decay)
-    param.add_(update, alpha=-lr)
+    add_scaled_(param, update, -lr)
 
 
 class _SignMomentum(AccumulatingOptimizer):
@@ -120,7 +120,7 @@ class Lion(_SignMomentum):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         beta1, beta2 = group["betas"] = check_betas("betas", group["betas"])
         if self.accum_steps > 1 and beta2 == 0.0 and beta1 != beta2:
             raise ValueError(
@@ -147,7 +147,8 @@ class Tiger(_SignMomentum):
 
     Args:
         params: parameters or param groups.
-        lr: η (required; Su's scale-aware recipe, :func:`danlu.scale_aware_groups`, sets it per tensor).
+        lr: η (default 1e-4, Lion's: the update is the same sign step; Su's scale-aware recipe,
+            :func:`danlu.scale_aware_groups`, sets it per tensor).
         beta: β (default 0.965).
         weight_decay: λ, decoupled and multiplied by lr (default 0).
         accum_steps: k ≥ 1 micro-batches per update, folded into m (default 1). m decays by β once per
@@ -167,12 +168,12 @@ class Tiger(_SignMomentum):
     """
 
     def __init__(
-        self, params: ParamsT, lr: float, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1
+        self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1
     ) -> None:
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay), accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)
 

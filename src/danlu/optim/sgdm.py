@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from .._core.accumulate import AccumulatingOptimizer
-from .._core.numerics import decoupled_decay_
+from .._core.numerics import add_scaled_, decoupled_decay_
 from .._core.optimizer import ParamsT
-from .._core.validate import check_number
+from .._core.validate import check_lr, check_number
 
 __all__ = ["SGDM"]
 
@@ -34,7 +34,8 @@ class SGDM(AccumulatingOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: η (required).
+        lr: η (default 1e-2: with EMA momentum β = 0.9 that is the step size of
+            ``torch.optim.SGD(lr=1e-3, momentum=0.9)``, torch's default lr).
         momentum: β in [0, 1) (default 0.9).
         weight_decay: λ, decoupled and multiplied by lr (default 0).
         accum_steps: k ≥ 1 micro-batches per update (default 1). Call :meth:`step` after every
@@ -49,12 +50,12 @@ class SGDM(AccumulatingOptimizer):
     """
 
     def __init__(
-        self, params: ParamsT, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, accum_steps: int = 1
+        self, params: ParamsT, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, accum_steps: int = 1
     ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), accum_steps)
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        check_number("lr", group["lr"], low=0.0)
+        group["lr"] = check_lr(group["lr"])
         check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)
 
@@ -71,4 +72,4 @@ class SGDM(AccumulatingOptimizer):
 
     def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
         decoupled_decay_(p, group["lr"], group["weight_decay"])
-        p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        add_scaled_(p, state["momentum_buffer"], -group["lr"])

@@ -142,6 +142,8 @@ class EGStepSize(OptimizerWrapper):
         would otherwise hide it), which then shows in the parameters.
     """
 
+    _prefix = "egs_"
+    _entry = "danlu_eg_step_size"
     _hyper_keys = (
         "meta_lr",
         "form",
@@ -182,10 +184,11 @@ class EGStepSize(OptimizerWrapper):
             raise TypeError("EGStepSize steps its inner optimizer from .grad without a closure; LBFGS is not supported")
         for k, v in cfg.items():
             setattr(self, k, v)
-        # Per param group (index in param_groups): 0-d "nu" (granularity "group") and "scale" (paper).
-        self.group_state: list[dict[str, torch.Tensor]] = []
 
     # --- state dict -------------------------------------------------------------------------------
+    # Per parameter (in the inner optimizer's state): egs_prev_grad (Su) or egs_exp_avg and egs_prev_dir
+    # (paper), and egs_nu (per coordinate or 0-d per tensor). Per param group (in the group): 0-d egs_nu
+    # (granularity "group") and egs_scale (paper).
 
     def _config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._hyper_keys}
@@ -211,49 +214,32 @@ class EGStepSize(OptimizerWrapper):
             keys.add("scale")
         return keys
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["wrapper"]["groups"] = {i: dict(s) for i, s in enumerate(self.group_state) if s}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict`; checks everything before changing anything.
-
-        The saved hyperparameters (form, granularity, bounds, ...) replace the current ones.
-        """
+    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
         me = type(self).__name__
-        wrapper = state_dict.get("wrapper") if isinstance(state_dict, dict) else None
-        groups: dict[int, dict[str, torch.Tensor]] = {}
-        if isinstance(wrapper, dict) and wrapper.get("type") == me:
-            try:
-                cfg = _resolve({**self._config(), **wrapper.get("hyper", {})})
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{me}.load_state_dict: {err}") from err
-            params = self._params()
-            for i, s in wrapper.get("state", {}).items():
-                if not (isinstance(i, int) and 0 <= i < len(params)) or not isinstance(s, dict):
-                    raise ValueError(f"{me}.load_state_dict: state for unknown parameter index {i!r}")
-                expected = self._expected_state(params[i], cfg)
-                if set(s) != set(expected):
-                    raise ValueError(
-                        f"{me}.load_state_dict: parameter {i} has state {sorted(s)}, expected {sorted(expected)} "
-                        f"for form={cfg['form']!r}, granularity={cfg['granularity']!r}"
-                    )
-                for key, shape in expected.items():
-                    if not isinstance(s[key], torch.Tensor) or tuple(s[key].shape) != shape:
-                        raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {i} is not a tensor of shape {shape}")
-            groups = wrapper.get("groups", {})
-            want = self._expected_group_state(cfg)
-            for i, s in groups.items():
-                if not (isinstance(i, int) and 0 <= i < len(self.param_groups)) or not isinstance(s, dict):
-                    raise ValueError(f"{me}.load_state_dict: state for unknown param group {i!r}")
-                if set(s) != want or not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in s.values()):
-                    raise ValueError(f"{me}.load_state_dict: param group {i} has state {sorted(s)}, expected 0-d {sorted(want)}")
-        super().load_state_dict(state_dict)
-        self.group_state = [{} for _ in self.param_groups]
-        for i, s in groups.items():
-            device = self.param_groups[i]["params"][0].device if self.param_groups[i]["params"] else None
-            self.group_state[i] = {k: v.to(device=device) for k, v in s.items()}
+        try:
+            cfg = _resolve({**self._config(), **((entry or {}).get("hyper") or {})})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{me}.load_state_dict: {err}") from err
+        params = self._params()
+        for i in sorted(set(with_state) - set(own_state)):
+            raise ValueError(
+                f"{me}.load_state_dict: parameter {i} has state {sorted(with_state[i])} but no {me} entries "
+                f"({self._prefix}*): the state dict was saved by another optimizer (the inner one alone?)"
+            )
+        for i, s in own_state.items():
+            expected = self._expected_state(params[i], cfg)
+            if set(s) != set(expected):
+                raise ValueError(
+                    f"{me}.load_state_dict: parameter {i} has state {sorted(s)}, expected {sorted(expected)} "
+                    f"for form={cfg['form']!r}, granularity={cfg['granularity']!r}"
+                )
+            for key, shape in expected.items():
+                if not isinstance(s[key], torch.Tensor) or tuple(s[key].shape) != shape:
+                    raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {i} is not a tensor of shape {shape}")
+        want = self._expected_group_state(cfg)
+        for i, s in own_groups.items():
+            if set(s) != want or not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in s.values()):
+                raise ValueError(f"{me}.load_state_dict: param group {i} has state {sorted(s)}, expected 0-d {sorted(want)}")
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -275,25 +261,26 @@ class EGStepSize(OptimizerWrapper):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         if self.form == "su":
-            state["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["egs_prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         else:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["prev_dir"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["egs_exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["egs_prev_dir"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.granularity == "coordinate":
-            state["nu"] = torch.ones_like(p, dtype=acc_dtype(p), memory_format=torch.preserve_format)
+            state["egs_nu"] = torch.ones_like(p, dtype=acc_dtype(p), memory_format=torch.preserve_format)
         elif self.granularity == "tensor":
-            state["nu"] = torch.ones((), dtype=acc_dtype(p), device=p.device)
+            state["egs_nu"] = torch.ones((), dtype=acc_dtype(p), device=p.device)
 
     def _group_scalars(self, gi: int, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        while len(self.group_state) <= gi:
-            self.group_state.append({})
-        gs = self.group_state[gi]
+        """The group's 0-d factors (``nu`` at group granularity, ``scale`` in the paper form), kept in
+        the param group as ``egs_nu``/``egs_scale``."""
+        group = self.param_groups[gi]
         want = self._expected_group_state(self._config())
-        if want and not gs:
+        missing = [k for k in want if "egs_" + k not in group]
+        if missing:
             dtype = torch.float64 if any(p.dtype == torch.float64 for p, _ in items) else torch.float32
-            for k in want:
-                gs[k] = torch.ones((), dtype=dtype, device=items[0][0].device)
-        return gs
+            for k in missing:
+                group["egs_" + k] = torch.ones((), dtype=dtype, device=items[0][0].device)
+        return {k: group["egs_" + k] for k in want}
 
     def _exponent(self, h: torch.Tensor, gamma: float) -> torch.Tensor:
         """exp(clamp(γ·H, ±κ)), NaN wherever H is NaN or ±inf."""
@@ -350,7 +337,7 @@ class EGStepSize(OptimizerWrapper):
             states = []
             for p, _ in items:
                 state = self.state[p]
-                if not state:
+                if ("egs_prev_grad" if su else "egs_prev_dir") not in state:
                     self._init_state(p, state)
                 states.append(state)
             gs = self._group_scalars(gi, items)
@@ -358,12 +345,12 @@ class EGStepSize(OptimizerWrapper):
             # 1. the factors, from g_t and the stored direction a_{t−1}
             group_h = []
             for (p, g), state in zip(items, states):
-                a = state["prev_grad"] if su else state["exp_avg"]
+                a = state["egs_prev_grad"] if su else state["egs_exp_avg"]
                 h, gg, aa = self._hyper(g, a, reduce=gran != "coordinate")
                 if gran == "group":
                     group_h.append((h, gg, aa))
                 else:
-                    nu = state["nu"]
+                    nu = state["egs_nu"]
                     nu.mul_(self._exponent(self._normalized(h, gg, aa, gran == "tensor"), gamma))
                     nu.clamp_(self.nu_min, self.nu_max)
             if gran == "group":
@@ -372,21 +359,21 @@ class EGStepSize(OptimizerWrapper):
                 gs["nu"].clamp_(self.nu_min, self.nu_max)
             if not su:
                 s = gs["scale"]
-                parts = [self._hyper(g, state["prev_dir"], reduce=True) for (_, g), state in zip(items, states)]
+                parts = [self._hyper(g, state["egs_prev_dir"], reduce=True) for (_, g), state in zip(items, states)]
                 h, gg, aa = self._sum(parts, s)
                 s.mul_(self._exponent(-self._normalized(h, gg, aa, True), gamma_s).to(s.dtype))
                 s.clamp_(self.scale_min, self.scale_max)
 
             # 2. rescale the inner update: θ ← θ + (S − 1)⊙u with u = θ − θ_old (exact when S = 1)
             for (p, g), state, old in zip(items, states, olds):
-                nu = gs["nu"].to(p.device) if gran == "group" else state["nu"]
+                nu = gs["nu"].to(p.device) if gran == "group" else state["egs_nu"]
                 scale = nu if su else nu * gs["scale"].to(p.device)
                 dt = acc_dtype(p)
                 u = old.to(dt).neg_().add_(p.to(dt)) if old.dtype != dt else old.neg_().add_(p)
                 p.add_(u * (scale - 1.0))
                 if su:
-                    state["prev_grad"].copy_(g)
+                    state["egs_prev_grad"].copy_(g)
                 else:
-                    state["prev_dir"].copy_(u.mul_(nu))
-                    state["exp_avg"].mul_(self.beta).add_(g, alpha=1.0 - self.beta)
+                    state["egs_prev_dir"].copy_(u.mul_(nu))
+                    state["egs_exp_avg"].mul_(self.beta).add_(g, alpha=1.0 - self.beta)
         return loss

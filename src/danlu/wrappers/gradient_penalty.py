@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from .._core.optimizer import is_state_init_step
 from .._core.validate import check_choice, check_number
 from .._core.wrapper import OptimizerWrapper
 
@@ -95,9 +96,14 @@ class GradientPenalty(OptimizerWrapper):
     Calling ``step()`` without a callable closure raises ``TypeError`` before anything changes (this
     includes ``strength=0``, so that a sweep over strengths keeps one calling convention).
 
-    Consequences: gradients accumulated in ``.grad`` before ``step`` are discarded (accumulate inside
-    the closure instead); under finite differences the closure runs twice per step, so a Lightning
-    ``training_step`` runs (and logs) twice, dropout draws new masks for the second pass unless the
+    Consequences: gradients accumulated in ``.grad`` outside the closure (a ``backward()`` before
+    ``step``, Lightning's ``accumulate_grad_batches`` > 1) cannot enter the penalty: ``step`` raises
+    ``RuntimeError`` before anything changes rather than drop them (the gradients its own last step
+    left, and all-zero ones, are fine); accumulate inside the closure, or in the inner optimizer's
+    momentum (``accum_steps``), instead. A step without a closure raises ``TypeError``, except the
+    state initialisation of ``torch.distributed.checkpoint``'s state-dict helpers (all-zero gradients
+    at lr 0), which steps the inner optimizer. Under finite differences the closure runs twice per
+    step, so a Lightning ``training_step`` runs (and logs) twice, dropout draws new masks for the second pass unless the
     closure fixes the RNG, and BatchNorm in train mode updates its running statistics twice. Fp16
     AMP through ``GradScaler`` calls ``step()`` without a closure and is not supported (bf16 autocast
     is). The inner optimizer must step from ``.grad`` alone (``torch.optim.LBFGS`` is refused), and
@@ -130,6 +136,8 @@ class GradientPenalty(OptimizerWrapper):
     """
 
     _hyper_keys = ("strength", "method")
+    _prefix = "gp_"
+    _entry = "danlu_gradient_penalty"
 
     def __init__(
         self,
@@ -164,18 +172,15 @@ class GradientPenalty(OptimizerWrapper):
     def method(self, value: str) -> None:
         self._method = check_choice("method", value, _METHODS)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like :meth:`OptimizerWrapper.load_state_dict`; saved ``strength``/``method`` are checked first."""
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("wrapper"), dict):
-            hyper = state_dict["wrapper"].get("hyper", {})
-            try:
-                if "strength" in hyper:
-                    _check_strength(hyper["strength"])
-                if "method" in hyper:
-                    check_choice("method", hyper["method"], _METHODS)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"GradientPenalty.load_state_dict: {err}") from err
-        super().load_state_dict(state_dict)
+    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+        hyper = (entry or {}).get("hyper") or {}
+        try:
+            if "strength" in hyper:
+                _check_strength(hyper["strength"])
+            if "method" in hyper:
+                check_choice("method", hyper["method"], _METHODS)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"GradientPenalty.load_state_dict: {err}") from err
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -190,6 +195,9 @@ class GradientPenalty(OptimizerWrapper):
             closure: required; re-evaluates the model and returns the loss, with or without calling
                 backward itself (see the class docstring).
         """
+        if closure is None and is_state_init_step(self):
+            self.optimizer.step()
+            return None
         if closure is None or not callable(closure):
             raise TypeError(
                 "GradientPenalty.step needs a closure that re-evaluates the model and returns the loss, "
@@ -203,6 +211,7 @@ class GradientPenalty(OptimizerWrapper):
                 "remove them (handle.remove()) first"
             )
         params = self._trainable()
+        self._refuse_outside_grads(params)
         if self._strength == 0.0:
             loss = closure_gradient(closure, params)
         elif self._method == "finite_difference":
@@ -210,6 +219,7 @@ class GradientPenalty(OptimizerWrapper):
         else:
             loss = self._double_backward(closure, params)
         self.optimizer.step()
+        self._note_grads_left(params)
         return loss
 
     def _finite_difference(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> Any:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .._core.validate import check_choice, check_number, check_optional
+from .._core.optimizer import is_state_init_step
 from .._core.wrapper import OptimizerWrapper
 from ..wrappers.gradient_penalty import closure_gradient
 from ._perturb import Directions, restore_, snapshot_low_precision
@@ -246,6 +247,8 @@ class MGS(OptimizerWrapper):
     """
 
     _hyper_keys = tuple(_CHECKS)
+    _prefix = "mgs_"
+    _entry = "danlu_mgs"
 
     candidates = _hyper("candidates")
     noise = _hyper("noise")
@@ -318,31 +321,29 @@ class MGS(OptimizerWrapper):
 
     # --- state -------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["wrapper"]["rng"] = self._generator.get_state()
-        return sd
+    def _entry_value(self) -> dict[str, Any]:
+        return {**super()._entry_value(), "rng": self._generator.get_state()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like :meth:`OptimizerWrapper.load_state_dict`, plus the generator; saved hyperparameters and
-        generator state are checked before anything changes."""
-        wrapper = state_dict.get("wrapper") if isinstance(state_dict, dict) else None
-        rng = None
-        if isinstance(wrapper, dict) and wrapper.get("type") == "MGS":
-            try:
-                for k, v in wrapper.get("hyper", {}).items():
-                    if k in _CHECKS:
-                        _CHECKS[k](v)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"MGS.load_state_dict: {err}") from err
-            rng = wrapper.get("rng")
-            mine = self._generator.get_state()
-            if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == mine.shape):
-                raise ValueError("MGS.load_state_dict: 'rng' must be the uint8 generator state "
-                                 f"of shape {tuple(mine.shape)} that MGS.state_dict() saves")
-        super().load_state_dict(state_dict)
-        if rng is not None:
-            self._generator.set_state(rng.cpu())
+    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+        """Saved hyperparameters and generator state are checked before anything changes. A dict
+        without MGS's entry (a tool that keeps only state and param_groups) keeps the generator."""
+        if entry is None:
+            return
+        try:
+            for k, v in (entry.get("hyper") or {}).items():
+                if k in _CHECKS:
+                    _CHECKS[k](v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"MGS.load_state_dict: {err}") from err
+        rng = entry.get("rng")
+        mine = self._generator.get_state()
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == mine.shape):
+            raise ValueError("MGS.load_state_dict: 'rng' must be the uint8 generator state "
+                             f"of shape {tuple(mine.shape)} that MGS.state_dict() saves")
+
+    def _load_own(self, entry: dict[str, Any] | None) -> None:
+        if entry is not None:
+            self._generator.set_state(entry["rng"].cpu())
 
     # --- the step ----------------------------------------------------------------------------------
 
@@ -416,6 +417,9 @@ class MGS(OptimizerWrapper):
                 without calling backward itself).
             task_loss: required; returns the task metric at the current parameters (no gradient).
         """
+        if surrogate_closure is None and task_loss is None and is_state_init_step(self):
+            self.optimizer.step()  # torch.distributed.checkpoint's state initialisation
+            return None
         if surrogate_closure is None or not callable(surrogate_closure):
             raise TypeError("MGS.step needs a surrogate closure that evaluates the differentiable loss "
                             "(and may call backward), and task_loss: "
@@ -431,6 +435,14 @@ class MGS(OptimizerWrapper):
         if any(p.is_complex() for p in searched):
             raise TypeError("MGS does not support complex parameters (real Gaussian perturbations)")
 
+        self._refuse_outside_grads(trainable)
+        try:
+            return self._step(surrogate_closure, task_loss, trainable, searched)
+        finally:
+            self._note_grads_left(trainable)
+
+    def _step(self, surrogate_closure: Callable[[], Any], task_loss: Callable[[], Any],
+              trainable: list[torch.Tensor], searched: list[torch.Tensor]) -> Any:
         loss = closure_gradient(surrogate_closure, trainable)
         with_grad = [p for p in trainable if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):

@@ -19,8 +19,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from .._core.optimizer import DanluOptimizer, ParamsT
-from .._core.validate import check_choice, check_number
+from .._core.optimizer import DanluOptimizer, ParamsT, is_state_init_step
+from .._core.validate import check_choice, check_lr, check_number
 from ._perturb import DISTRIBUTIONS, Directions, snapshot_low_precision
 
 __all__ = ["ZeroOrder", "ZOStep", "reinforce_loss"]
@@ -351,7 +351,7 @@ class ZeroOrder(DanluOptimizer):
         if self._inner is None:
             if lr is None:
                 _fail("lr", lr, "a real number: lr is required without an inner optimizer", TypeError)
-            check_number("lr", lr, low=0.0)
+            group["lr"] = check_lr(lr)
             check_number("weight_decay", wd, low=0.0)
             return
         if lr is not None:
@@ -377,6 +377,11 @@ class ZeroOrder(DanluOptimizer):
             closure: required; re-evaluates the model on the same batch and returns the loss, without
                 calling backward.
         """
+        if closure is None and is_state_init_step(self):
+            # torch.distributed.checkpoint's state initialisation: nothing to estimate, nothing moves.
+            if self._inner is not None:
+                self._inner.step()
+            return None
         if closure is None or not callable(closure):
             raise TypeError(
                 "ZeroOrder.step needs a closure that re-evaluates the model and returns the loss without "
@@ -568,7 +573,7 @@ class _Run:
         applied = self.current[1] if self.current is not None else 0.0
         for k, (p, u) in enumerate(self.directions.tensors(last_seed)):
             group = group_of[id(p)]
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = float(group["lr"]), group["weight_decay"]  # a tensor lr: ZO syncs on every loss anyway
             keep = 1.0 - lr * wd
             step = -lr * coefficients[-1] / n
             snap = self.snapshot[k]
@@ -583,7 +588,7 @@ class _Run:
         self.current = None
         for s, c in zip(self.seeds[:-1], coefficients[:-1]):
             for p, u in self.directions.tensors(s):
-                p.add_(u, alpha=-group_of[id(p)]["lr"] * c / n)
+                p.add_(u, alpha=-float(group_of[id(p)]["lr"]) * c / n)
 
     def write_grad(self, coefficients: list[float]) -> None:
         """.grad ← ĝ = (1/n)·Σ c_i u_i for every perturbed parameter; the first pass also restores θ."""

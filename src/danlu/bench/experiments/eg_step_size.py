@@ -95,7 +95,7 @@ def _train(seed: int, lr: float, meta_lr: float | None, steps: int) -> dict[str,
     out: dict[str, Any] = {"seed": seed, "lr": lr, "val_loss": val_loss, "val_acc": val_acc, "diverged": diverged,
                            "score": CAP if diverged else min(val_loss, CAP)}
     if meta_lr is not None:
-        nus = [opt.state[p]["nu"].detach().double().flatten() for p in problem.params if "nu" in opt.state[p]]
+        nus = [opt.state[p]["egs_nu"].detach().double().flatten() for p in problem.params if "egs_nu" in opt.state[p]]
         if nus and not diverged:
             nu = torch.cat(nus)
             out["nu_geomean"] = float(nu.log().mean().exp())
