@@ -376,13 +376,13 @@ def test_su_closed_form(granularity):
         opt.step()
     if granularity == "coordinate":
         for p, s in zip(ps, acc):
-            torch.testing.assert_close(opt.state[p]["nu"], torch.exp(gamma * s), rtol=1e-13, atol=0)
+            torch.testing.assert_close(opt.state[p]["egs_nu"], torch.exp(gamma * s), rtol=1e-13, atol=0)
     elif granularity == "tensor":
         for p, s in zip(ps, acc):
-            torch.testing.assert_close(opt.state[p]["nu"], torch.exp(gamma * s.sum()), rtol=1e-13, atol=0)
+            torch.testing.assert_close(opt.state[p]["egs_nu"], torch.exp(gamma * s.sum()), rtol=1e-13, atol=0)
     else:
         total = sum(s.sum() for s in acc)
-        torch.testing.assert_close(opt.group_state[0]["nu"], torch.exp(gamma * total), rtol=1e-13, atol=0)
+        torch.testing.assert_close(opt.param_groups[0]["egs_nu"], torch.exp(gamma * total), rtol=1e-13, atol=0)
 
 
 def test_su_step_is_sgd_with_learned_rates():
@@ -394,7 +394,7 @@ def test_su_step_is_sgd_with_learned_rates():
         quadratic_grads([p], A, t)
         before = p.detach().clone()
         opt.step()
-        torch.testing.assert_close(p.detach(), before - 0.1 * opt.state[p]["nu"] * p.grad, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(p.detach(), before - 0.1 * opt.state[p]["egs_nu"] * p.grad, rtol=1e-14, atol=1e-15)
 
 
 def stiff_quadratic(wrap, steps=300, **kw):
@@ -417,10 +417,10 @@ def test_eg_step_size_tames_a_step_size_at_which_sgd_diverges():
     loss, x, a, opt = stiff_quadratic(wrap=True, meta_lr=1e-2, max_exponent=1.0)
     assert loss < 0.01 < 55.55  # initial loss ½Σa = 55.55
     assert abs(x[0]) < 1e-100 and abs(x[1]) < 1e-40
-    rate = 0.03 * opt.state[x]["nu"] * a
+    rate = 0.03 * opt.state[x]["egs_nu"] * a
     assert 0.1 < rate[0] < 2.0 and 0.1 < rate[1] < 2.0, rate  # η ν_i a_i = O(1) on the stiff coordinates
     # The scale caveat: the a = 0.1 coordinate's hypergradient ~ a²x² barely moves its rate.
-    assert 0.9 < float(opt.state[x]["nu"][3]) < 1.5
+    assert 0.9 < float(opt.state[x]["egs_nu"][3]) < 1.5
     # The cosine normalisation makes γ scale-free: every coordinate adapts.
     loss_cos, _, _, _ = stiff_quadratic(wrap=True, meta_lr=0.3, normalize="cosine")
     assert loss_cos < 1e-30
@@ -438,6 +438,42 @@ WRAP_CONFIGS = {
     "paper-group-cosine": dict(form="paper", granularity="group", normalize="cosine"),
 }
 
+ENTRY = "danlu_eg_step_size"  # EGStepSize's top-level state-dict entry
+PREFIX = "egs_"  # its keys in the shared per-parameter state and param groups
+
+
+def inner_part(sd):
+    """The inner optimizer's part of a wrapper state dict: without the wrapper's entry and egs_ keys."""
+    out = {k: v for k, v in sd.items() if k not in (ENTRY, "state", "param_groups")}
+    state = {pid: {k: v for k, v in s.items() if not k.startswith(PREFIX)} for pid, s in sd["state"].items()}
+    out["state"] = {pid: s for pid, s in state.items() if s}
+    out["param_groups"] = [{k: v for k, v in g.items() if not k.startswith(PREFIX)} for g in sd["param_groups"]]
+    return out
+
+
+def own_keys(form="su", granularity="coordinate", **_):
+    """The egs_ keys EGStepSize keeps per stepped parameter and per param group."""
+    per_param = {"egs_prev_grad"} if form == "su" else {"egs_exp_avg", "egs_prev_dir"}
+    if granularity != "group":
+        per_param.add("egs_nu")
+    per_group = {"egs_nu"} if granularity == "group" else set()
+    if form == "paper":
+        per_group.add("egs_scale")
+    return per_param, per_group
+
+
+def to_old_format(sd):
+    """The same state in danlu ≤ 0.1's layout: {"wrapper": {type, state, hyper, groups}, "inner": ...}."""
+    ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+    strip = lambda d: {k[len(PREFIX):]: v for k, v in d.items() if k.startswith(PREFIX)}  # noqa: E731
+    wrapper = {
+        "type": sd[ENTRY]["type"],
+        "state": {ids.index(pid): strip(s) for pid, s in sd["state"].items() if strip(s)},
+        "hyper": dict(sd[ENTRY]["hyper"]),
+        "groups": {gi: strip(g) for gi, g in enumerate(sd["param_groups"]) if strip(g)},
+    }
+    return {"wrapper": wrapper, "inner": inner_part(sd)}
+
 
 @pytest.mark.parametrize("config", list(WRAP_CONFIGS))
 @pytest.mark.parametrize("inner", list(INNERS))
@@ -450,7 +486,7 @@ def test_meta_lr_zero_is_bitwise_the_inner_optimizer(inner, config):
         train(model, plain, X, y, 1)
         train(model2, wrapped, X, y, 1)
         assert_bitwise(flat(model), flat(model2))
-    assert tree_equal(plain.state_dict(), wrapped.state_dict()["inner"])
+    assert tree_equal(plain.state_dict(), inner_part(wrapped.state_dict()))
 
 
 @pytest.mark.parametrize("config", list(WRAP_CONFIGS))
@@ -463,8 +499,39 @@ def test_wrapper_state_dict_round_trip_bitwise_lockstep(inner, config):
     model2 = copy.deepcopy(model)
     opt2 = EGStepSize(INNERS[inner](model2.parameters()), meta_lr=0.5)  # saved hyperparameters replace these
     sd = reload(opt.state_dict())
-    assert set(sd) == {"wrapper", "inner"} and "state" in sd["inner"]
+    # torch's layout: the inner optimizer's dict, the wrapper's entries prefixed in it, one top-level entry
+    assert {"state", "param_groups", ENTRY} <= set(sd) and not {"wrapper", "inner"} & set(sd)
+    assert sd[ENTRY]["type"] == "EGStepSize" and sd[ENTRY]["hyper"]["meta_lr"] == 1e-2
+    per_param, per_group = own_keys(**WRAP_CONFIGS[config])
+    assert len(sd["state"]) == len(list(model.parameters()))
+    assert all({k for k in s if k.startswith(PREFIX)} == per_param for s in sd["state"].values())
+    assert all({k for k in g if k.startswith(PREFIX)} == per_group for g in sd["param_groups"])
+    assert set(inner_part(sd)) == set(opt.optimizer.state_dict())
     opt2.load_state_dict(sd)
+    assert tree_equal(opt.state_dict(), opt2.state_dict())
+    for _ in range(5):
+        train(model, opt, X, y, 1)
+        train(model2, opt2, X, y, 1)
+        assert_bitwise(flat(model), flat(model2))
+    assert tree_equal(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("config", list(WRAP_CONFIGS))
+@pytest.mark.parametrize("inner", ["AdamW", "Lion"])
+def test_wrapper_loads_an_old_format_state_dict_and_continues_bitwise(inner, config):
+    """A dict in danlu ≤ 0.1's layout ({"wrapper", "inner"}, the wrapper's entries unprefixed) loads into
+    a fresh wrapper, which then steps bitwise like the original."""
+    model, X, y = mlp()
+    opt = EGStepSize(INNERS[inner](model.parameters()), meta_lr=1e-2, **WRAP_CONFIGS[config])
+    train(model, opt, X, y, 4)
+    model2 = copy.deepcopy(model)
+    opt2 = EGStepSize(INNERS[inner](model2.parameters()), meta_lr=0.5)  # saved hyperparameters replace these
+    old = reload(to_old_format(opt.state_dict()))
+    assert set(old) == {"wrapper", "inner"} and old["wrapper"]["type"] == "EGStepSize"
+    assert not any(k.startswith(PREFIX) for s in old["inner"]["state"].values() for k in s)
+    assert old["wrapper"]["state"], "the old dict carries the wrapper's per-parameter state"
+    opt2.load_state_dict(old)
+    assert opt2.meta_lr == 1e-2 and all(getattr(opt2, k) == getattr(opt, k) for k in EGStepSize._hyper_keys)
     assert tree_equal(opt.state_dict(), opt2.state_dict())
     for _ in range(5):
         train(model, opt, X, y, 1)
@@ -479,19 +546,23 @@ def test_wrapper_refuses_a_bad_state_dict_unchanged():
     train(model, opt, X, y, 2)
     before = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(before)
-    bad["wrapper"]["hyper"]["nu_max"] = 0.5
+    bad[ENTRY]["hyper"]["nu_max"] = 0.5
     with pytest.raises(ValueError, match=r"load_state_dict: Invalid nu_max: 0\.5"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(before)
-    bad["wrapper"]["hyper"]["granularity"] = "tensor"  # the saved ν are per coordinate
+    bad[ENTRY]["hyper"]["granularity"] = "tensor"  # the saved ν are per coordinate
     with pytest.raises(ValueError, match=r"state 'nu' of parameter 0 is not a tensor of shape \(\)"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(before)
-    del bad["wrapper"]["groups"][0]["scale"]
-    with pytest.raises(ValueError, match=r"param group 0 has state"):
+    del bad["param_groups"][0]["egs_scale"]
+    with pytest.raises(ValueError, match=r"param group 0 lacks its 0-d \['scale'\]"):
         opt.load_state_dict(bad)
-    with pytest.raises(ValueError):
-        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    # The inner optimizer's own state dict (it has per-parameter state but no egs_ entries).
+    model3 = copy.deepcopy(model)
+    alone = torch.optim.AdamW(model3.parameters(), lr=1e-2)
+    train(model3, alone, X, y, 1)
+    with pytest.raises(ValueError, match=r"saved by another optimizer"):
+        opt.load_state_dict(alone.state_dict())
     assert tree_equal(opt.state_dict(), before)
 
 
@@ -502,7 +573,7 @@ def test_wrapper_deepcopy_and_pickle_continue_identically(how):
     train(model, opt, X, y, 3)
     model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
     assert type(opt2) is EGStepSize and opt2.optimizer.param_groups is opt2.param_groups
-    assert all(p in opt2.state for p in model2.parameters())
+    assert all(p in opt2.state and any(k.startswith("egs_") for k in opt2.state[p]) for p in model2.parameters())
     for _ in range(4):
         train(model, opt, X, y, 1)
         train(model2, opt2, X, y, 1)
@@ -572,7 +643,7 @@ def test_wrapper_nonfinite_grad_shows_in_params(config, bad):
     opt.step()
     assert not torch.isfinite(w[1, 2])
     state = opt.state[w]
-    for key in ("nu",):
+    for key in ("egs_nu",):
         if key in state and state[key].dim():
             assert not torch.isfinite(state[key][1, 2]), "the factor hid a non-finite gradient"
 
@@ -609,7 +680,7 @@ def test_paper_form_scale_grows_when_steps_agree_and_shrinks_when_they_oscillate
             opt.zero_grad()
             (0.5 * (x * x).sum()).backward()
             opt.step()
-        return float(opt.group_state[0]["scale"])
+        return float(opt.param_groups[0]["egs_scale"])
 
     assert run(0.01) > 1.0  # slow descent: successive steps agree
     assert run(1.9) < 1.0  # overshooting: successive steps oppose
@@ -621,7 +692,7 @@ def test_wrapper_learns_on_the_mlp_and_added_groups_get_state():
     opt.add_param_group({"params": list(model[2].parameters())})
     losses = train(model, opt, X, y, 60)
     assert losses[-1] < 0.5 * losses[0]
-    assert len(opt.group_state) == 2 and all("scale" in s for s in opt.group_state)
+    assert len(opt.param_groups) == 2 and all("egs_scale" in g for g in opt.param_groups)
     assert "EGStepSize(meta_lr=0.01" in repr(opt)
 
 
@@ -634,4 +705,4 @@ def test_wrapper_keeps_16_bit_dtypes(config):
     for p in model.parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
         for k, v in opt.state[p].items():
-            assert v.dtype == (torch.float32 if k == "nu" else torch.bfloat16), k
+            assert v.dtype == (torch.float32 if k == "egs_nu" else torch.bfloat16), k

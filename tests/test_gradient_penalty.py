@@ -163,6 +163,7 @@ def test_linear_loss_has_no_penalty_gradient():
     w = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
     c = torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64)
     for method in METHODS:
+        w.grad = None  # the previous wrapper's gradient did not come from this wrapper's closure
         opt = GradientPenalty(torch.optim.SGD([w], lr=0.0), 0.3, method=method)
         opt.step(lambda: (w * c).sum())
         assert torch.equal(w.grad, c)
@@ -490,7 +491,9 @@ def test_state_dict_round_trip_bitwise_lockstep():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    assert sd["wrapper"]["hyper"] == {"strength": 0.03, "method": "finite_difference"}
+    assert {"state", "param_groups", "danlu_gradient_penalty"} <= set(sd) and not {"wrapper", "inner"} & set(sd)
+    assert sd["danlu_gradient_penalty"]["type"] == "GradientPenalty"
+    assert sd["danlu_gradient_penalty"]["hyper"] == {"strength": 0.03, "method": "finite_difference"}
 
     model2 = copy.deepcopy(model)
     opt2 = GradientPenalty(torch.optim.AdamW(model2.parameters(), lr=1e-2), 0.5, method="double_backward")
@@ -508,8 +511,8 @@ def test_state_dict_with_bad_hyperparameter_is_refused_before_any_change():
     opt = GradientPenalty(torch.optim.AdamW(model.parameters(), lr=1e-2), 0.03)
     opt.step(closure_without_backward(model, X, y))
     sd = copy.deepcopy(opt.state_dict())
-    sd["wrapper"]["hyper"]["strength"] = -1.0
-    sd["inner"]["param_groups"][0]["lr"] = 0.5
+    sd["danlu_gradient_penalty"]["hyper"]["strength"] = -1.0
+    sd["param_groups"][0]["lr"] = 0.5
     with pytest.raises(ValueError, match=r"Invalid strength: -1\.0"):
         opt.load_state_dict(sd)
     assert opt.strength == 0.03 and opt.param_groups[0]["lr"] == 1e-2

@@ -593,7 +593,7 @@ def test_failed_task_loss_restores_everything(dtype, at, bad, restore):
     params, opt = _fresh(dtype, restore=restore)
     ref_params, ref_opt = _fresh(dtype, restore=restore)
     before = [p.detach().clone() for p in params]
-    rng = opt.state_dict()["wrapper"]["rng"].clone()
+    rng = opt.state_dict()["danlu_mgs"]["rng"].clone()
     calls = []
 
     def task():
@@ -613,7 +613,7 @@ def test_failed_task_loss_restores_everything(dtype, at, bad, restore):
         else:
             assert torch.equal(p.detach(), b)
     assert not opt.optimizer.state, "the inner optimizer stepped"
-    assert torch.equal(opt.state_dict()["wrapper"]["rng"], rng), "the generator advanced"
+    assert torch.equal(opt.state_dict()["danlu_mgs"]["rng"], rng), "the generator advanced"
     assert all(p.grad is not None for p in params), ".grad holds the surrogate gradient"
     good = lambda ps: (lambda: float(sum(p.double().abs().sum() for p in ps)))  # noqa: E731
     for p, b in zip(params, before):
@@ -669,13 +669,13 @@ def test_load_state_dict_refuses_bad_hyper_and_rng_unchanged():
                               ("rng", torch.zeros(3, dtype=torch.uint8), r"'rng' must be the uint8 generator state")]:
         sd = copy.deepcopy(good)
         if key == "hyper":
-            sd["wrapper"]["hyper"][value[0]] = value[1]
+            sd["danlu_mgs"]["hyper"][value[0]] = value[1]
         else:
-            sd["wrapper"]["rng"] = value
+            sd["danlu_mgs"]["rng"] = value
         opt.step(surrogate_for(params), Recorder(params))
         before = copy.deepcopy(opt.state_dict())
         with pytest.raises(ValueError, match=regex):
             opt.load_state_dict(sd)
         after = opt.state_dict()
-        assert torch.equal(after["wrapper"]["rng"], before["wrapper"]["rng"])
-        assert after["wrapper"]["hyper"] == before["wrapper"]["hyper"]
+        assert torch.equal(after["danlu_mgs"]["rng"], before["danlu_mgs"]["rng"])
+        assert after["danlu_mgs"]["hyper"] == before["danlu_mgs"]["hyper"]

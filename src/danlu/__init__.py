@@ -14,6 +14,7 @@ from .optim.egd import EGD
 from .optim.lion import Lion, Tiger
 from .optim.sgdm import SGDM
 from .registry import create_optimizer, list_optimizers
+from .schedule import StepOnUpdate
 from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
@@ -35,6 +36,7 @@ __all__ = sorted(
         "MGS",
         "SGDM",
         "ScaleAwareSchedule",
+        "StepOnUpdate",
         "Tiger",
         "ZeroOrder",
         "amos_groups",

@@ -20,6 +20,7 @@ hooks registered on the wrapper run, as on any torch optimizer.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -115,6 +116,22 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 "(optimizer.zero_grad()), accumulate inside the closure, or accumulate in the inner optimizer's "
                 "momentum (accum_steps=k, with step() after every micro-batch)"
             )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizerWrapper:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        # deepcopy copies a leaf tensor's .grad: the copies of the gradients this wrapper's last step
+        # left are the ones the copy's last step left.
+        left = getattr(self, "_grads_left", {})
+        new_left = {}
+        for p in self._params():
+            ref, q = left.get(id(p)), memo.get(id(p))
+            if ref is not None and p.grad is not None and ref[0]() is p.grad and ref[1] == p.grad._version \
+                    and q is not None and q.grad is not None:
+                new_left[id(q)] = (weakref.ref(q.grad), q.grad._version)
+        new._grads_left = new_left
+        return new
 
     def _note_grads_left(self, params: list[torch.Tensor]) -> None:
         self._grads_left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}

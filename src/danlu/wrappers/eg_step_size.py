@@ -237,6 +237,13 @@ class EGStepSize(OptimizerWrapper):
                 if not isinstance(s[key], torch.Tensor) or tuple(s[key].shape) != shape:
                     raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {i} is not a tensor of shape {shape}")
         want = self._expected_group_state(cfg)
+        start = 0
+        for gi, group in enumerate(self.param_groups):
+            indices = range(start, start + len(group["params"]))
+            start += len(group["params"])
+            if want and gi not in own_groups and any(i in own_state for i in indices):
+                raise ValueError(f"{me}.load_state_dict: param group {gi} lacks its 0-d {sorted(want)} "
+                                 f"({self._prefix}*), which its parameters' state needs")
         for i, s in own_groups.items():
             if set(s) != want or not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in s.values()):
                 raise ValueError(f"{me}.load_state_dict: param group {i} has state {sorted(s)}, expected 0-d {sorted(want)}")

@@ -409,14 +409,18 @@ class MGS(OptimizerWrapper):
 
     @torch.no_grad()
     def step(self, surrogate_closure: Callable[[], Any] | None = None,  # type: ignore[override]
-             task_loss: Callable[[], Any] | None = None) -> Any:
+             task_loss: Callable[[], Any] | None = None, *, closure: Callable[[], Any] | None = None) -> Any:
         """One MGS step; returns the surrogate closure's loss (see the class docstring).
 
         Args:
             surrogate_closure: required; evaluates the differentiable surrogate loss at θ (with or
-                without calling backward itself).
+                without calling backward itself). ``closure=`` (torch's keyword) is the same argument.
             task_loss: required; returns the task metric at the current parameters (no gradient).
         """
+        if closure is not None:  # torch's keyword (``opt.step(closure=...)``) for the surrogate closure
+            if surrogate_closure is not None:
+                raise TypeError("MGS.step got both surrogate_closure and closure (the same argument)")
+            surrogate_closure = closure
         if surrogate_closure is None and task_loss is None and is_state_init_step(self):
             self.optimizer.step()  # torch.distributed.checkpoint's state initialisation
             return None
