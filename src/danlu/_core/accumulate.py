@@ -129,7 +129,8 @@ class AccumulatingOptimizer(DanluOptimizer):
 
         Call it after every micro-batch's backward (with ``zero_grad`` between micro-batches), and step
         an lr scheduler only when :attr:`is_update_step` is true: schedules and bias corrections count
-        updates, not micro-steps.
+        updates, not micro-steps. In loops that step the scheduler after every ``step()`` (HF Trainer,
+        Lightning) wrap it in :class:`danlu.StepOnUpdate`, which does that check.
         """
         loss = self._run_closure(closure)
         work = self._check_grads()
