@@ -508,8 +508,13 @@ def test_wrapper_state_dict_round_trip_bitwise_lockstep(inner, config):
     assert all({k for k in g if k.startswith(PREFIX)} == per_group for g in sd["param_groups"])
     assert set(inner_part(sd)) == set(opt.optimizer.state_dict())
     opt2.load_state_dict(sd)
+    assert_lockstep(model, opt, model2, opt2, X, y)
+
+
+def assert_lockstep(model, opt, model2, opt2, X, y, steps=5):
+    """Equal state dicts now, bitwise equal parameters for ``steps`` steps, equal state dicts after."""
     assert tree_equal(opt.state_dict(), opt2.state_dict())
-    for _ in range(5):
+    for _ in range(steps):
         train(model, opt, X, y, 1)
         train(model2, opt2, X, y, 1)
         assert_bitwise(flat(model), flat(model2))
@@ -532,12 +537,7 @@ def test_wrapper_loads_an_old_format_state_dict_and_continues_bitwise(inner, con
     assert old["wrapper"]["state"], "the old dict carries the wrapper's per-parameter state"
     opt2.load_state_dict(old)
     assert opt2.meta_lr == 1e-2 and all(getattr(opt2, k) == getattr(opt, k) for k in EGStepSize._hyper_keys)
-    assert tree_equal(opt.state_dict(), opt2.state_dict())
-    for _ in range(5):
-        train(model, opt, X, y, 1)
-        train(model2, opt2, X, y, 1)
-        assert_bitwise(flat(model), flat(model2))
-    assert tree_equal(opt.state_dict(), opt2.state_dict())
+    assert_lockstep(model, opt, model2, opt2, X, y)
 
 
 def test_wrapper_refuses_a_bad_state_dict_unchanged():

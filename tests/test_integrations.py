@@ -98,6 +98,21 @@ def _trainer(pl, **kw):
     return pl.Trainer(**base)
 
 
+def _penalised_module(pl):
+    class Penalised(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Regressor()
+
+        def training_step(self, batch, i):
+            return self.model(batch["x"], batch["labels"])["loss"]
+
+        def configure_optimizers(self):
+            return danlu.GradientPenalty(torch.optim.SGD(self.parameters(), lr=0.1), strength=1e-2)
+
+    return Penalised
+
+
 def test_lightning_automatic_optimization_with_step_on_update():
     pl = _lightning()
 
@@ -125,17 +140,7 @@ def test_lightning_gradient_penalty_automatic_and_zero_order_manual():
     must not call backward, runs in manual optimization."""
     pl = _lightning()
 
-    class Penalised(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = Regressor()
-
-        def training_step(self, batch, i):
-            return self.model(batch["x"], batch["labels"])["loss"]
-
-        def configure_optimizers(self):
-            return danlu.GradientPenalty(torch.optim.SGD(self.parameters(), lr=0.1), strength=1e-2)
-
+    Penalised = _penalised_module(pl)
     class ZO(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -161,17 +166,7 @@ def test_lightning_gradient_penalty_refuses_accumulate_grad_batches():
     dropped silently; now it raises."""
     pl = _lightning()
 
-    class Penalised(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = Regressor()
-
-        def training_step(self, batch, i):
-            return self.model(batch["x"], batch["labels"])["loss"]
-
-        def configure_optimizers(self):
-            return danlu.GradientPenalty(torch.optim.SGD(self.parameters(), lr=0.1), strength=1e-2)
-
+    Penalised = _penalised_module(pl)
     with pytest.raises(RuntimeError, match="did not come from its closure"):
         _trainer(pl, accumulate_grad_batches=2).fit(Penalised(), _loader())
 

@@ -106,13 +106,15 @@ class EGStepSize(OptimizerWrapper):
     coordinate: ``prev_grad`` and ``nu`` (2× the parameters); tensor/group: ``prev_grad`` and
     scalars. Paper, coordinate: ``exp_avg``, ``nu``, ``prev_dir`` (3×); tensor/group: ``exp_avg``,
     ``prev_dir`` and scalars. ``nu`` and the per-group scalars are kept in float32 for 16-bit
-    parameters. About 5 elementwise passes over the parameters beyond the inner step. Exactness: the
+    parameters. Each is stored with the prefix ``egs_`` (``egs_nu``, ...): per parameter in the inner
+    optimizer's state, per group (``egs_nu``, ``egs_scale``, 0-d) in the shared param group. About 5 elementwise passes over the parameters beyond the inner step. Exactness: the
     closed form above holds to float rounding while no clamp or bound is active; with
     ``meta_lr=0`` the wrapper is bitwise its inner optimizer.
 
     Args:
         optimizer: the inner ``torch.optim.Optimizer``; the wrapper shares its param groups (an lr
-            scheduler on the wrapper changes the inner lr) and nests its state dict.
+            scheduler on the wrapper changes the inner lr) and its state (the wrapper's own entries
+            in it are prefixed), so the wrapper's state dict is the inner one's in torch's layout.
         meta_lr: γ ≥ 0, the hyper learning rate of ν (required; its natural scale is 1/|g|² unless
             ``normalize="cosine"``).
         form: ``"su"`` (default) or ``"paper"``.

@@ -116,7 +116,8 @@ class GradientPenalty(OptimizerWrapper):
 
     Args:
         optimizer: the inner ``torch.optim.Optimizer``; the wrapper shares its param groups (an lr
-            scheduler on the wrapper changes the inner lr) and nests its state dict.
+            scheduler on the wrapper changes the inner lr) and its state (the wrapper's own entries
+            in it are prefixed), so the wrapper's state dict is the inner one's in torch's layout.
         strength: λ ≥ 0, the coefficient of ‖∇L‖² (required). λ = :func:`igr_strength` (lr) = lr/4
             doubles the implicit regularization of gradient descent at that lr; a scheduler does not
             change λ, set ``wrapper.strength`` yourself to track the lr.

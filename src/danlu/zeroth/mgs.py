@@ -201,7 +201,8 @@ class MGS(OptimizerWrapper):
             the inner optimizer holds, or ``None`` for all of its parameters (also those of groups added
             later).
         optimizer: the inner ``torch.optim.Optimizer``; the wrapper shares its param groups (an lr
-            scheduler on the wrapper changes the inner lr) and nests its state dict.
+            scheduler on the wrapper changes the inner lr) and its state (the wrapper's own entries
+            in it are prefixed), so the wrapper's state dict is the inner one's in torch's layout.
         candidates: K ≥ 1, the number of candidates per step (reference ``ggs_num_samples``: 4).
         noise: σ > 0, the noise scale (reference ``ggs_noise``: 1.0).
         beta: β ≥ 0, the inverse temperature 1/α (reference ``ggs_beta``: 100).
