@@ -454,7 +454,12 @@ class ZeroOrder(DanluOptimizer):
         Restores the generator (so the next step is the one the saved optimizer would have taken),
         ``sigma`` and the inner optimizer's state. Refuses a foreign or malformed dict before changing
         anything (the inner optimizer's own checks run before the rest is loaded). A dict without the
-        ZeroOrder entry (e.g. rebuilt by a checkpointing tool) loads the groups and keeps the generator.
+        ZeroOrder entry (e.g. rebuilt by ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``,
+        which keeps only ``state`` and ``param_groups``) loads the groups and keeps the generator and
+        the inner optimizer's state as they are: checkpoint an inner optimizer through such a tool on
+        its own (``zo.optimizer``). A ``step()`` without a closure raises ``TypeError``, except the
+        state initialisation those helpers perform (all-zero gradients at lr 0), which steps the inner
+        optimizer, if any, and moves nothing.
         """
         self._check_state_dict(state_dict)
         entry = state_dict.get(_ENTRY)
