@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["DanluOptimizer", "ParamsT", "init_moments", "new_step", "STEP_DTYPE", "is_state_init_step"]
+__all__ = ["DanluOptimizer", "ParamsT", "init_moments", "new_step", "STEP_DTYPE", "is_state_init_step",
+           "run_load_pre_hooks"]
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -66,10 +67,19 @@ def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
     ZeroOrder) step their inner optimizer on it instead of refusing the missing closure; nothing
     moves, and the state it creates is what the checkpoint then overwrites."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    if not params or any(not isinstance(g.get("lr", 0.0), (int, float, torch.Tensor)) or float(g.get("lr", 0.0)) != 0.0
-                         for g in optimizer.param_groups if g.get("lr") is not None):
+    lrs = [g["lr"] for g in optimizer.param_groups if g.get("lr") is not None]
+    if not params or any(float(lr) != 0.0 for lr in lrs):
         return False
     return all(p.grad is not None and not p.grad.is_sparse and not bool(p.grad.any()) for p in params)
+
+
+def run_load_pre_hooks(optimizer: torch.optim.Optimizer, state_dict: Any) -> Any:
+    """Run the optimizer's load-state-dict pre-hooks as torch does (a hook may return a new dict)."""
+    for hook in list(optimizer._optimizer_load_state_dict_pre_hooks.values()):
+        out = hook(optimizer, state_dict)
+        if out is not None:
+            state_dict = out
+    return state_dict
 
 
 def init_moments(p: torch.Tensor, state: dict[str, Any]) -> None:
@@ -181,11 +191,7 @@ class DanluOptimizer(torch.optim.Optimizer):
         as torch.optim keeps them. A ``step`` saved as a Python number or as a float64 tensor (danlu
         ≤ 0.1) is loaded as the float32 counter.
         """
-        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        state_dict = self._migrate(state_dict)
+        state_dict = self._migrate(run_load_pre_hooks(self, state_dict))
         self._check_state_dict(state_dict)
         self._load_extra(state_dict)
         hooks = self._optimizer_load_state_dict_pre_hooks

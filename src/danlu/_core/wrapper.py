@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .optimizer import run_load_pre_hooks
+
 __all__ = ["OptimizerWrapper"]
 
 
@@ -223,11 +225,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         wrapper. Saved hyperparameters replace the current ones. Dicts of danlu ≤ 0.1
         (``{"wrapper", "inner"}``) are converted."""
         me = type(self).__name__
-        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
-            out = pre_hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        sd = self._migrate(state_dict)
+        sd = self._migrate(run_load_pre_hooks(self, state_dict))
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise ValueError(f"{me}.load_state_dict expects a dict with 'state' and 'param_groups' "
                              f"(what {me}.state_dict() returns)")
