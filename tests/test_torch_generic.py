@@ -96,7 +96,6 @@ class DanluInfo(OptimizerInfo):
         base_kwargs: dict[str, Any] | None = None,
         has_weight_decay: bool = True,
         has_step: bool = False,
-        stateless: bool = False,
         drift: bool = False,
         inner_steps: int = 0,
         skips: dict[str, str] | None = None,
@@ -121,7 +120,6 @@ class DanluInfo(OptimizerInfo):
         self.base_kwargs = dict(base_kwargs or {})
         self.has_weight_decay = has_weight_decay  # a ``weight_decay`` group key (the inner's, for a wrapper)
         self.has_step = has_step  # a ``step`` entry in the per-parameter state
-        self.stateless = stateless  # no per-parameter state at all
         # θ is restored by subtraction after in-place perturbations (a few ulp of float32 rounding):
         # "unchanged" is checked with torch's tolerances instead of bitwise.
         self.drift = drift
@@ -269,6 +267,14 @@ LOAD_POST_HOOK_SEES_RAW_STEP = (
     "overwritten). torch's own optimizers convert it in __setstate__, before their post-hooks run. "
     "(AccumulatingOptimizer.load_state_dict likewise resets accum_micro_step/is_update_step after them.)"
 )
+LOAD_AFTER_POST_HOOKS_CRASHES = (
+    "danlu bug: after super().load_state_dict() has run torch's load-state-dict post-hooks, "
+    "DanluOptimizer.load_state_dict walks self.state.values() and calls st.get('step') on each value, "
+    "assuming every entry is a parameter's state dict. torch.optim allows other keys in optimizer.state "
+    "(torch's own test hook stores booleans there), so load_state_dict raises AttributeError: 'bool' "
+    "object has no attribute 'get' once a post-hook has done so. Same root cause as the raw-step xfail: "
+    "danlu's post-processing runs after the post-hooks instead of before them."
+)
 ZO_CHECKS_BEFORE_PRE_HOOKS = (
     "danlu bug: ZeroOrder.load_state_dict calls self._check_state_dict(state_dict) (and, with an inner "
     "optimizer, loads the inner's state) BEFORE DanluOptimizer.load_state_dict runs torch's load pre-hooks, "
@@ -276,7 +282,11 @@ ZO_CHECKS_BEFORE_PRE_HOOKS = (
     "is refused with ValueError ('expects a dict with 'state' and 'param_groups'') first."
 )
 
-_BASE_XFAILS = {"test_state_dict_post_hook_result_is_returned": POST_HOOK_NOT_LAST}
+_BASE_XFAILS = {
+    "test_state_dict_post_hook_result_is_returned": POST_HOOK_NOT_LAST,
+    "test_load_state_dict_post_hook": LOAD_AFTER_POST_HOOKS_CRASHES,
+    "test_load_state_dict_pre_post_hook": LOAD_AFTER_POST_HOOKS_CRASHES,
+}
 _STEP_XFAILS = {**_BASE_XFAILS, "test_load_state_dict_post_hook_sees_loaded_state": LOAD_POST_HOOK_SEES_RAW_STEP}
 
 NO_STEP = "keeps no 'step' counter in its per-parameter state"
@@ -399,9 +409,13 @@ DB: list[DanluInfo] = [
                 bad({"momentum": 1.0}, ValueError, r"^Invalid momentum: 1\.0"),
                 bad({"clip_value": 0.0}, ValueError, r"^Invalid clip_value: 0\.0"),
                 bad({"extra_l2": -1.0}, ValueError, r"^Invalid extra_l2: -1\.0"),
-                bad({"reduce_dims": (3,)}, ValueError, r"^Invalid reduce_dims: \(3,\) \(dim 3 does not exist",
-                    params=[Parameter(torch.randn(2, 3))]),
-                bad({"reduce_dims": 1}, TypeError, r"^Invalid reduce_dims: 1 \(expected a tuple of ints\)$"),
+                # reduce_dims and eta are param-group keys (amos_groups), not constructor keywords.
+                bad({}, ValueError, r"^Invalid reduce_dims: \(3,\) \(dim 3 does not exist", "group reduce_dims=(3,)",
+                    params=[{"params": [Parameter(torch.randn(2, 3))], "reduce_dims": (3,)}]),
+                bad({}, TypeError, r"^Invalid reduce_dims: 1 \(expected a tuple of ints\)$", "group reduce_dims=1",
+                    params=[{"params": [Parameter(torch.randn(2, 3))], "reduce_dims": 1}]),
+                bad({}, ValueError, r"^Invalid eta: 0\.0", "group eta=0",
+                    params=[{"params": [Parameter(torch.randn(2, 3))], "eta": 0.0}]),
             ],
             sparse_step=r"Amos does not support sparse gradients"),
         has_weight_decay=False,
@@ -528,7 +542,6 @@ DB: list[DanluInfo] = [
                 bad({"optimizer": torch.optim.SGD}, TypeError, r"^Invalid optimizer"),
             ],
             no_closure_step=r"ZeroOrder\.step needs a closure"),
-        stateless=True,
         drift=True,  # θ + σu − σu (MeZO): a few ulp of float32 rounding per perturbation
         skips={
             "test_load_nontensor_step": f"ZeroOrder {NO_STEP} (its only state is its generator)",
@@ -584,8 +597,8 @@ def _seed():
 def take_step(info: DanluInfo, opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> Any:
     """One step on ``loss_fn()`` (a differentiable function of the current parameters), the way ``info``'s
     optimizer takes it; returns what ``step`` returns (or the loss for a plain step)."""
+    opt.zero_grad()  # torch's loop; closure-driven wrappers refuse gradients that their closure did not make
     if info.kind == "grad":
-        opt.zero_grad()
         loss = loss_fn()
         loss.backward()
         opt.step()
@@ -645,7 +658,7 @@ def without_param_names(state_dict):
 def step_schedulers(schedulers, loss):
     for scheduler in schedulers:
         if isinstance(scheduler, ReduceLROnPlateau):
-            scheduler.step(float(loss))
+            scheduler.step(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
         else:
             scheduler.step()
 
@@ -848,6 +861,7 @@ def test_weight_decay_group_shrinks_without_grads(info):
     test_step_is_noop_for_zero_grads skips weight decay because "params will decay even if grads are
     empty"; this checks that they do, by the decoupled factor): with all-zero gradients (for ZeroOrder a
     constant loss), k steps scale the decayed group by (1 − lr·λ)^k and leave the other group as it was."""
+    checked = 0
     for optim_input in all_inputs(info):
         group_kwargs, _ = info.split(optim_input.kwargs)
         if any(group_kwargs.get(k) for k in ("extra_l2", "l1_budget")) or info.kind == "mgs" and \
@@ -868,6 +882,8 @@ def test_weight_decay_group_shrinks_without_grads(info):
                 take_step(info, opt, zero_grad_loss([weight, bias]))
         TC.assertEqual(weight.detach(), w0 * (1 - lr * 0.1) ** k, msg=optim_input.desc)
         TC.assertEqual(bias.detach(), b0, msg=optim_input.desc)
+        checked += 1
+    assert checked, "no setting of this entry was checked"
 
 
 @for_each
@@ -924,6 +940,7 @@ def test_step_is_noop_for_zero_grads(info):
     (bitwise here; torch uses its tolerances)."""
     param = torch.randn((5, 1), requires_grad=True)
     old = param.detach().clone()
+    checked = 0
     for optim_input in all_inputs(info):
         kwargs = dict(optim_input.kwargs)
         if any(kwargs.get(k) for k in ("weight_decay", "extra_l2", "l1_budget")):
@@ -938,6 +955,8 @@ def test_step_is_noop_for_zero_grads(info):
             else:
                 take_step(info, opt, zero_grad_loss([param]))
         assert_unchanged(info, [param.detach()], [old], optim_input.desc)
+        checked += 1
+    assert checked, "no setting of this entry was checked"
 
 
 @for_each
@@ -1023,7 +1042,8 @@ def test_can_load_older_state_dict(info):
                 group.pop(flag, None)
         opt.load_state_dict(old)
         before = [p.detach().clone() for p in model.parameters()]
-        take_step(info, opt, loss_fn)
+        for _ in range(3):  # a whole accumulation window (accum_steps <= 3 here) moves the parameters
+            take_step(info, opt, loss_fn)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before)), optim_input.desc
 
@@ -1088,6 +1108,8 @@ def test_load_nontensor_step(info):
         for _ in range(3):
             take_step(info, opt, _quadratic(params, targets))
         state_dict = copy.deepcopy(opt.state_dict())
+        steps = {i: float(st["step"]) for i, st in state_dict["state"].items()}
+        assert all(n >= 1 for n in steps.values())
         converted = 0
         for p_state in state_dict["state"].values():
             assert torch.is_tensor(p_state["step"]) and p_state["step"].dtype == torch.float32
@@ -1099,9 +1121,10 @@ def test_load_nontensor_step(info):
             ps = [clone_param(p) for p in params]
             o = info.make(ps, **optim_input.kwargs)
             o.load_state_dict(copy.deepcopy(sd))
-            for p in ps:
+            for i, p in enumerate(ps):
                 step = o.state[p]["step"]
-                assert torch.is_tensor(step) and step.dtype == torch.float32 and step.dim() == 0 and float(step) == 3
+                assert torch.is_tensor(step) and step.dtype == torch.float32 and step.dim() == 0
+                assert float(step) == steps[i]
             for _ in range(2):
                 take_step(info, o, _quadratic(ps, targets))
             twins.append(ps)
