@@ -109,7 +109,7 @@ class GradientPenalty(OptimizerWrapper):
     is). The inner optimizer must step from ``.grad`` alone (``torch.optim.LBFGS`` is refused), and
     must not have ``fuse_into_backward()`` hooks active (``step`` raises ``RuntimeError``); momentum
     accumulation (``accum_steps=k``) works, each micro-step absorbing a penalised gradient; read
-    ``wrapper.optimizer.is_update_step``.
+    ``wrapper.is_update_step`` (the inner optimizer's).
 
     Parameters whose gradient is ``None`` after the first pass are not perturbed and are left with
     ``.grad = None``, so the inner optimizer skips them.
