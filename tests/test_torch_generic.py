@@ -32,25 +32,12 @@ import functools
 import inspect
 import io
 import math
-import sys
-import types
-import unittest
 from typing import Any, Callable
 
 import pytest
 import torch
 from torch.nn import Parameter
 from torch.optim.lr_scheduler import ExponentialLR, ReduceLROnPlateau, StepLR
-
-try:  # torch.testing._internal.common_utils imports expecttest (a torch dev dependency) for one base class
-    import expecttest  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    # Only ``expecttest.TestCase`` (the base of torch's TestCase, which adds assertExpectedInline) and
-    # the ``ACCEPT`` flag are used on import; nothing here calls assertExpectedInline.
-    _shim = types.ModuleType("expecttest")
-    _shim.TestCase = unittest.TestCase
-    _shim.ACCEPT = False
-    sys.modules["expecttest"] = _shim
 
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.testing._internal.common_optimizers import (
@@ -252,43 +239,6 @@ def wrapper_errors(wrapper: type, own: list[tuple[dict[str, Any], type, str]]):
 
 
 # Diagnoses of the danlu bugs these checks find (see the tests marked with them).
-POST_HOOK_NOT_LAST = (
-    "danlu bug: DanluOptimizer.state_dict (and AccumulatingOptimizer/ZeroOrder.state_dict) add their "
-    "top-level entries ('danlu_optimizer', 'danlu_accumulation', 'danlu_zero_order') AFTER "
-    "torch.optim.Optimizer.state_dict has run the state-dict post-hooks, so a post-hook neither sees the "
-    "complete state dict nor has the last word: the dict a hook returns comes back with danlu's entries "
-    "added to it (torch returns the hook's result as is). OptimizerWrapper.state_dict does it in the right "
-    "order (its hooks run after its entry is added)."
-)
-LOAD_POST_HOOK_SEES_RAW_STEP = (
-    "danlu bug: DanluOptimizer.load_state_dict turns a Python-number 'step' into the 0-d float32 tensor "
-    "only after super().load_state_dict() has returned, i.e. after torch has run the load-state-dict "
-    "post-hooks: a post-hook sees state['step'] as a Python float (and whatever it does to it is "
-    "overwritten). torch's own optimizers convert it in __setstate__, before their post-hooks run. "
-    "(AccumulatingOptimizer.load_state_dict likewise resets accum_micro_step/is_update_step after them.)"
-)
-LOAD_AFTER_POST_HOOKS_CRASHES = (
-    "danlu bug: after super().load_state_dict() has run torch's load-state-dict post-hooks, "
-    "DanluOptimizer.load_state_dict walks self.state.values() and calls st.get('step') on each value, "
-    "assuming every entry is a parameter's state dict. torch.optim allows other keys in optimizer.state "
-    "(torch's own test hook stores booleans there), so load_state_dict raises AttributeError: 'bool' "
-    "object has no attribute 'get' once a post-hook has done so. Same root cause as the raw-step xfail: "
-    "danlu's post-processing runs after the post-hooks instead of before them."
-)
-ZO_CHECKS_BEFORE_PRE_HOOKS = (
-    "danlu bug: ZeroOrder.load_state_dict calls self._check_state_dict(state_dict) (and, with an inner "
-    "optimizer, loads the inner's state) BEFORE DanluOptimizer.load_state_dict runs torch's load pre-hooks, "
-    "so a pre-hook that converts an older/other-format dict never gets the chance: the unconverted dict "
-    "is refused with ValueError ('expects a dict with 'state' and 'param_groups'') first."
-)
-
-_BASE_XFAILS = {
-    "test_state_dict_post_hook_result_is_returned": POST_HOOK_NOT_LAST,
-    "test_load_state_dict_post_hook": LOAD_AFTER_POST_HOOKS_CRASHES,
-    "test_load_state_dict_pre_post_hook": LOAD_AFTER_POST_HOOKS_CRASHES,
-}
-_STEP_XFAILS = {**_BASE_XFAILS, "test_load_state_dict_post_hook_sees_loaded_state": LOAD_POST_HOOK_SEES_RAW_STEP}
-
 NO_STEP = "keeps no 'step' counter in its per-parameter state"
 NO_WD = "has no weight_decay hyperparameter"
 ZO_NO_GRADS = "ZeroOrder reads no gradients (its closure returns the loss without backward)"
@@ -307,7 +257,6 @@ DB: list[DanluInfo] = [
         not_og_supported_flags=("accum_micro_step",),
         skips={"test_load_nontensor_step": f"Lion {NO_STEP}",
                "test_load_state_dict_post_hook_sees_loaded_state": f"Lion {NO_STEP}"},
-        xfails=_BASE_XFAILS,
     ),
     DanluInfo(
         "Tiger", danlu.Tiger,
@@ -323,7 +272,6 @@ DB: list[DanluInfo] = [
         not_og_supported_flags=("accum_micro_step",),
         skips={"test_load_nontensor_step": f"Tiger {NO_STEP}",
                "test_load_state_dict_post_hook_sees_loaded_state": f"Tiger {NO_STEP}"},
-        xfails=_BASE_XFAILS,
     ),
     DanluInfo(
         "SGDM", danlu.SGDM,
@@ -342,7 +290,6 @@ DB: list[DanluInfo] = [
         not_og_supported_flags=("accum_micro_step",),
         skips={"test_load_nontensor_step": f"SGDM {NO_STEP}",
                "test_load_state_dict_post_hook_sees_loaded_state": f"SGDM {NO_STEP}"},
-        xfails=_BASE_XFAILS,
     ),
     DanluInfo(
         "AdamW", danlu.AdamW,
@@ -357,7 +304,6 @@ DB: list[DanluInfo] = [
             sparse_step=r"AdamW does not support sparse gradients"),
         not_og_supported_flags=("accum_micro_step",),
         has_step=True,
-        xfails=_STEP_XFAILS,
     ),
     DanluInfo(
         "AdaX", danlu.AdaX,
@@ -370,7 +316,6 @@ DB: list[DanluInfo] = [
             lambda: [bad({"betas": (0.9, 0.0)}, ValueError, r"^Invalid betas\[1\]: 0\.0 \(expected a number in \(0, 1\)\)$")],
             sparse_step=r"AdaX does not support sparse gradients"),
         has_step=True,
-        xfails=_STEP_XFAILS,
     ),
     DanluInfo(
         "Adafactor", danlu.Adafactor,
@@ -393,7 +338,6 @@ DB: list[DanluInfo] = [
         # danlu <= 0.1 had no relative_step (its load converts such a group).
         not_og_supported_flags=("relative_step",),
         has_step=True,
-        xfails=_STEP_XFAILS,
     ),
     DanluInfo(
         "Amos", danlu.Amos,
@@ -423,7 +367,6 @@ DB: list[DanluInfo] = [
         skips={k: "Amos " + NO_WD + " (its decay toward the target scale is adaptive; extra_l2 is not a "
                     "decoupled lr-scaled weight decay)"
                for k in ("test_param_groups_weight_decay", "test_weight_decay_group_shrinks_without_grads")},
-        xfails=_STEP_XFAILS,
     ),
     DanluInfo(
         "EGD", danlu.EGD,
@@ -450,7 +393,6 @@ DB: list[DanluInfo] = [
                "test_weight_decay_group_shrinks_without_grads": f"EGD {NO_WD}",
                "test_load_nontensor_step": f"EGD {NO_STEP}",
                "test_load_state_dict_post_hook_sees_loaded_state": f"EGD {NO_STEP}"},
-        xfails=_BASE_XFAILS,
     ),
     DanluInfo(
         "EGStepSize[SGDM]", danlu.EGStepSize, build=wrapped(danlu.EGStepSize, danlu.SGDM),
@@ -551,7 +493,6 @@ DB: list[DanluInfo] = [
             "test_step_is_noop_for_zero_grads": ZO_NO_GRADS + ": zero gradients do not exist for it (the "
                                                 "constant-loss analogue is test_weight_decay_group_shrinks_without_grads)",
         },
-        xfails={**_BASE_XFAILS, "test_load_state_dict_pre_hook_converts_before_checks": ZO_CHECKS_BEFORE_PRE_HOOKS},
     ),
 ]
 
@@ -1192,7 +1133,8 @@ def _load_state_dict_pre_hook2(optimizer, state_dict):
 
 
 def _load_state_dict_post_hook(optimizer) -> None:
-    optimizer.state["ran_load_state_dict_pre_hook2"] = optimizer.param_groups[0]["lr"] == 0.003
+    # bool(): torch's hook, made to hold for a tensor lr too (tensor == float is a tensor)
+    optimizer.state["ran_load_state_dict_pre_hook2"] = bool(optimizer.param_groups[0]["lr"] == 0.003)
     optimizer.state["ran_load_state_dict_post_hook"] = True
 
 
@@ -1419,3 +1361,14 @@ def test_tracker_compares_like_torch():
     with pytest.raises(AssertionError):
         tracker.pop_check_set(torch.zeros(2), TC)
     assert tracker.all_popped()
+
+
+def test_skip_and_xfail_keys_name_real_tests():
+    """Every skip/xfail key names a test of this file that is parametrized over the DB (a typo would
+    otherwise silently run a check that was meant to be skipped, or drop an xfail)."""
+    tests = {name for name, obj in globals().items() if name.startswith("test_") and callable(obj)
+             and any(m.name == "parametrize" and m.args[0] == "info" for m in getattr(obj, "pytestmark", []))}
+    for info in DB:
+        assert set(info.skips) <= tests, (info.name, set(info.skips) - tests)
+        assert set(info.xfails) <= tests, (info.name, set(info.xfails) - tests)
+        assert not set(info.skips) & set(info.xfails), info.name

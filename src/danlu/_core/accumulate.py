@@ -184,12 +184,11 @@ class AccumulatingOptimizer(DanluOptimizer):
         return hook
 
     # --- persistence ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _state_dict_entries(self, sd: dict[str, Any]) -> None:
+        super()._state_dict_entries(sd)
         # A check only (a tool that keeps just state and param_groups may drop it): the window
         # position itself is in the groups.
         sd[_ACCUM] = {"accum_steps": self.accum_steps}
-        return sd
 
     def _migrate(self, state_dict: Any) -> Any:
         """danlu ≤ 0.1 kept the absolute micro-step t in a top-level entry and, per parameter, the index
@@ -233,12 +232,13 @@ class AccumulatingOptimizer(DanluOptimizer):
         if len(set(micro)) > 1:
             raise ValueError(f"{me}.load_state_dict: the param groups are at different {MICRO_STEP} {micro}")
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
+        super()._after_load()
         if self.accum_steps > 1:
             self._micro_step = self._micro_step  # a group saved without the key starts a window
             for st in self.state.values():
-                st.setdefault(PENDING, False)
+                if isinstance(st, dict):
+                    st.setdefault(PENDING, False)
         self.is_update_step = False
 
     def __getstate__(self) -> dict[str, Any]:

@@ -172,9 +172,24 @@ class DanluOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd[_TAG] = type(self).__name__
+        """torch's state dict (pre-hooks, ``state``, ``param_groups``) with danlu's entries added
+        (:meth:`_state_dict_entries`), then the post-hooks, which see and may replace the whole dict."""
+        post = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post
+        self._state_dict_entries(sd)
+        for hook in post.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
+
+    def _state_dict_entries(self, sd: dict[str, Any]) -> None:
+        """Add danlu's top-level entries (the class tag; subclasses add theirs) to ``sd`` in place."""
+        sd[_TAG] = type(self).__name__
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same optimizer class over the same parameter layout.
@@ -194,14 +209,23 @@ class DanluOptimizer(torch.optim.Optimizer):
         state_dict = self._migrate(run_load_pre_hooks(self, state_dict))
         self._check_state_dict(state_dict)
         self._load_extra(state_dict)
-        hooks = self._optimizer_load_state_dict_pre_hooks
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they ran above
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        # The pre-hooks ran above; the post-hooks run below, once the state is what it will be.
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
-        for st in self.state.values():
-            step = st.get("step")
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        self._after_load()
+        for hook in post.values():
+            hook(self)
+
+    def _after_load(self) -> None:
+        """Normalise the loaded state (before the post-hooks): the float32 step counter."""
+        for p, st in self.state.items():
+            step = st.get("step") if isinstance(st, dict) else None
             if step is not None and not (isinstance(step, torch.Tensor) and step.dtype == STEP_DTYPE):
                 st["step"] = torch.tensor(float(step), dtype=STEP_DTYPE)
 

@@ -411,8 +411,8 @@ class ZeroOrder(DanluOptimizer):
         return loss
 
     # --- persistence -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _state_dict_entries(self, sd: dict[str, Any]) -> None:
+        super()._state_dict_entries(sd)
         sd[_ENTRY] = {
             "generator": self._generator.get_state(),
             "sigma": self._sigma,
@@ -420,7 +420,6 @@ class ZeroOrder(DanluOptimizer):
             # ZeroOrder has no per-parameter state to tell layouts apart by: record the shapes.
             "shapes": self._shapes(),
         }
-        return sd
 
     def _shapes(self) -> list[list[list[int]]]:
         return [[list(p.shape) for p in g["params"]] for g in self.param_groups]
@@ -459,17 +458,16 @@ class ZeroOrder(DanluOptimizer):
         the inner optimizer's state as they are: checkpoint an inner optimizer through such a tool on
         its own (``zo.optimizer``). A ``step()`` without a closure raises ``TypeError``, except the
         state initialisation those helpers perform (all-zero gradients at lr 0), which steps the inner
-        optimizer, if any, and moves nothing.
+        optimizer, if any, and moves nothing. Load pre-hooks run first, as for every danlu optimizer.
         """
-        self._check_state_dict(state_dict)
-        entry = state_dict.get(_ENTRY)
-        if entry is not None and self._inner is not None:
-            self._inner.load_state_dict(entry["inner"])
         super().load_state_dict(state_dict)
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         entry = state_dict.get(_ENTRY)
         if entry is not None:
+            if self._inner is not None:
+                # First: the inner optimizer's own checks may still refuse, with nothing changed yet.
+                self._inner.load_state_dict(entry["inner"])
             self._generator.set_state(entry["generator"].clone())
             self._sigma = float(entry["sigma"])
 
