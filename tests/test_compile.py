@@ -88,3 +88,24 @@ def test_compiled_step_counts_and_matches_eager(name, backend):
     for p, q in zip(eager_p, comp_p):
         assert float(comp.state[q]["step"]) == float(eager.state[p]["step"]) == updates
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("lr", [1e-2, "tensor"], ids=["float-lr", "tensor-lr"])
+def test_scheduled_lr_does_not_recompile(lr):
+    """A scheduler changing the lr every step must not recompile the compiled step: one graph for the
+    first step (which creates the state), one for every later step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = danlu.AdamW(model.parameters(), lr=torch.tensor(1e-2) if lr == "tensor" else lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (t + 1))
+    step = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(6):
+        model(torch.randn(2, 8)).sum().backward()
+        step()
+        opt.zero_grad()
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == 2

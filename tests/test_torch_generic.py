@@ -1269,43 +1269,27 @@ def test_load_state_dict_post_hook_sees_loaded_state(info):
 
 
 @for_each
-def test_step_post_hook(info):
-    """torch's test_step_post_hook."""
-    def post_hook(opt, args, kwargs):
+@pytest.mark.parametrize("when", ["pre", "post"])
+def test_step_pre_and_post_hook(info, when):
+    """torch's test_step_pre_hook and test_step_post_hook: each of two steps runs the hook once; after
+    ``handle.remove()`` it runs no more."""
+    def hook(opt, args, kwargs):
         nonlocal data
         data += 2
 
     weight, bias, x = linear_problem()
+    start = 5 if when == "pre" else 2
     for optim_input in all_inputs(info):
         opt = info.make([weight, bias], **optim_input.kwargs)
-        data = 2
-        handle = opt.register_step_post_hook(post_hook)
+        data = start
+        register = opt.register_step_pre_hook if when == "pre" else opt.register_step_post_hook
+        handle = register(hook)
         take_step(info, opt, mv_loss(weight, bias, x))
         take_step(info, opt, mv_loss(weight, bias, x))
-        assert data == 6
+        assert data == start + 4
         handle.remove()
         take_step(info, opt, mv_loss(weight, bias, x))
-        assert data == 6
-
-
-@for_each
-def test_step_pre_hook(info):
-    """torch's test_step_pre_hook."""
-    def pre_hook(opt, args, kwargs):
-        nonlocal data
-        data += 2
-
-    weight, bias, x = linear_problem()
-    for optim_input in all_inputs(info):
-        opt = info.make([weight, bias], **optim_input.kwargs)
-        data = 5
-        handle = opt.register_step_pre_hook(pre_hook)
-        take_step(info, opt, mv_loss(weight, bias, x))
-        take_step(info, opt, mv_loss(weight, bias, x))
-        assert data == 9
-        handle.remove()
-        take_step(info, opt, mv_loss(weight, bias, x))
-        assert data == 9
+        assert data == start + 4
 
 
 @for_each
