@@ -8,6 +8,7 @@ accepts go to the wrapper, all others (``lr``, ``betas``, …) to the inner opti
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -53,6 +54,7 @@ def list_optimizers() -> list[str]:
     return sorted({**OPTIMIZERS, **WRAPPERS})
 
 
+@functools.lru_cache(maxsize=1)
 def hyperparameter_names() -> frozenset[str]:
     """The constructor keywords of every optimizer here (torch's baselines included): the names a
     param group saved by one of them carries. ``load_state_dict`` refuses an untagged group that has
