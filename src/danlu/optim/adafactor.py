@@ -116,10 +116,10 @@ class Adafactor(DanluOptimizer):
 
     Deviations:
         Follows the paper as Su, optax and mesh-tf implement it, which differs from
-        ``torch.optim.Adafactor`` (its ``lr`` caps ρ_t and is always param-scaled; it factors the last
-        two dims of any ≥2-D tensor; ε1 clamps V̂ instead of being added to G²) and from HF transformers
-        (momentum on the scaled update, decay ×α_t). The two agree with torch on vectors and on matrices
-        whose two dims are ≥ 128. The mesh-tf rule that scales the relative step by 0.05 when
+        ``torch.optim.Adafactor`` (its step is always relative and param-scaled, its ``lr`` the cap of
+        ρ_t, as here with ``relative_step``; it factors the last two dims of any ≥2-D tensor; ε1 clamps
+        V̂ instead of being added to G²) and from HF transformers (momentum on the scaled update, decay
+        ×α_t). The defaults agree with torch on vectors and on matrices whose two dims are ≥ 128. The mesh-tf rule that scales the relative step by 0.05 when
         ``scale_parameter=False`` is not applied. Momentum is an EMA of Û before scaling (Su, bert4keras).
         Weight decay multiplies ρ_t. State is kept in the parameter's dtype.
     """
