@@ -17,8 +17,8 @@ def test_speed_json_schema(capsys):
     names = [r["name"] for r in out["results"]]
     assert names[0] == "torch-adamw-fused" and set(names[1:]) == {"lion", "amos", "adafactor"}
     for r in out["results"]:
-        assert set(r) == {"name", "median_ms", "ratio_to_fused_adamw", "state_bytes_per_param"}
-        assert r["median_ms"] > 0 and r["ratio_to_fused_adamw"] > 0
+        assert set(r) == {"name", "median_ms", "ratio_to_fused_adamw", "state_bytes_per_param", "first_step_s"}
+        assert r["median_ms"] > 0 and r["ratio_to_fused_adamw"] > 0 and r["first_step_s"] > 0
     bpp = {r["name"]: r["state_bytes_per_param"] for r in out["results"]}
     assert bpp["torch-adamw-fused"] == pytest.approx(8.0, rel=1e-3)  # exp_avg + exp_avg_sq in fp32 (+ steps)
     assert bpp["lion"] == pytest.approx(4.0)

@@ -105,6 +105,12 @@ class AccumulatingOptimizer(DanluOptimizer):
             param_group = {**param_group, MICRO_STEP: self._micro_step}
         super().add_param_group(param_group)
 
+    def _check_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        super()._check_fused(group, params)
+        if group.get("fused") and self.accum_steps > 1:
+            raise ValueError(f"Invalid fused: True (expected False with accum_steps={self.accum_steps}: the fused "
+                             "path takes one plain step per call)")
+
     # --- the micro-step machinery --------------------------------------------------------------
     def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int) -> None:
         """Absorb ``grad`` at micro-step ``t`` of the window (1-based) and, on its last, move θ."""
@@ -135,8 +141,11 @@ class AccumulatingOptimizer(DanluOptimizer):
         loss = self._run_closure(closure)
         work = self._check_grads()
         t = self._micro_step + 1
-        for p, group in work:
-            self._fold(p, p.grad, group, t)
+        if self.accum_steps == 1:
+            self._update_all(work)  # one plain step (the fused path where a group asks for it)
+        else:
+            for p, group in work:
+                self._fold(p, p.grad, group, t)
         update = t == self.accum_steps
         if update and self.accum_steps > 1:
             # Parameters that absorbed gradients earlier in the window but had none now still move.

@@ -41,9 +41,9 @@ def scalar_sqrt(x: float | torch.Tensor) -> float | torch.Tensor:
     return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
-def decoupled_decay_(param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float) -> None:
+def decoupled_decay_(param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float | torch.Tensor) -> None:
     """AdamW-style decay on the pre-update parameter, multiplied by the lr: θ ← θ·(1 − lr·λ)."""
-    if weight_decay != 0.0:
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - lr * weight_decay)
 
 

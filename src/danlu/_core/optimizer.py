@@ -34,6 +34,8 @@ _TAG = "danlu_optimizer"
 # Keys that torch itself may add to a group or to ``defaults`` (lr schedulers, named parameters,
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
+# Options added after danlu 0.1: a saved group without them takes the optimizer's default.
+_LATER_OPTIONS = frozenset({"fused"})
 
 # The update counter's dtype: float32, as torch.optim's own (exact up to 2**24 ≈ 16.7M steps). An
 # in-place add on a 0-d float64 CPU tensor is lost under torch.compile (aot_eager and inductor, torch
@@ -95,6 +97,9 @@ class DanluOptimizer(torch.optim.Optimizer):
     # State entries ``_update`` creates when a setting that needs them is switched on mid-run (e.g.
     # Amos's ``momentum``): a saved state may lack them.
     _optional_state: frozenset[str] = frozenset()
+    # ``fused=True`` support (danlu._core.fused): the group entries that change between steps and
+    # reach ``_update`` as 0-d tensors on the fused path. Empty: the optimizer has no fused path.
+    _step_scalars: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate_group(dict(defaults), [])
@@ -162,14 +167,36 @@ class DanluOptimizer(torch.optim.Optimizer):
                 with gradients enabled before the update.
         """
         loss = self._run_closure(closure)
-        for p, group in self._check_grads():
+        self._update_all(self._check_grads())
+        return loss
+
+    def _update_all(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """One step for every (parameter, group) of ``work``: initialise state, then the fused path for
+        groups with ``fused=True`` and the per-tensor kernel for the rest."""
+        fused = []
+        for p, group in work:
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, group, state)
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
-            self._update(p, p.grad, state, group)
-        return loss
+            if group.get("fused"):
+                fused.append((p, group))
+            else:
+                self._update(p, p.grad, state, group)
+        if fused:
+            driver = self.__dict__.get("_fused_steps")
+            if driver is None:
+                from .fused import FusedSteps  # noqa: PLC0415 (imports torch.compile machinery lazily)
+
+                driver = self.__dict__["_fused_steps"] = FusedSteps()
+            driver.run(self, fused)
+
+    def _check_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Validate ``fused`` (call from ``_validate_group`` of an optimizer with a fused path)."""
+        fused = group.get("fused", False)
+        if not isinstance(fused, bool):
+            raise TypeError(f"Invalid fused: {fused!r} (expected a bool)")
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (pre-hooks, ``state``, ``param_groups``) with danlu's entries added
@@ -230,8 +257,14 @@ class DanluOptimizer(torch.optim.Optimizer):
                 st["step"] = torch.tensor(float(step), dtype=STEP_DTYPE)
 
     def _migrate(self, state_dict: Any) -> Any:
-        """Convert a state dict of an earlier danlu release to the current layout (a new dict)."""
-        return state_dict
+        """Convert a state dict of an earlier danlu release to the current layout (a new dict): groups
+        saved before an option existed take the optimizer's default for it."""
+        later = {k: self.defaults[k] for k in _LATER_OPTIONS if k in self.defaults}
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not later or not isinstance(groups, list) or all(not isinstance(g, dict) or set(later) <= set(g)
+                                                              for g in groups):
+            return state_dict
+        return {**state_dict, "param_groups": [{**later, **g} if isinstance(g, dict) else g for g in groups]}
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         """Restore what a subclass's ``state_dict`` adds beside ``state``/``param_groups`` (checked)."""

@@ -4,7 +4,9 @@ Every optimizer gets its own copy of the same parameters and the same fixed grad
 timed interleaved (round r steps every optimizer once before round r + 1), so a slow phase of a
 shared machine hits all of them alike; each optimizer reports its median step time and the ratio
 to torch's fused AdamW measured in the same run. State bytes per parameter count every tensor in
-the optimizer's state (a wrapper's and its inner optimizer's), after the first step.
+the optimizer's state (a wrapper's and its inner optimizer's), after the first step. ``<name>-fused``
+is the optimizer with ``fused=True`` (one compiled pass per bucket); its first step, reported
+separately, includes the compilation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SpeedResult:
     median_ms: float
     ratio_to_fused_adamw: float | None
     state_bytes_per_param: float
+    first_step_s: float  # the first step's time: the compilation on a fused path, state creation elsewhere
 
 
 def transformer_shapes(n_params: float = 30e6) -> list[tuple[int, ...]]:
@@ -118,10 +121,14 @@ def run_speed(
             p.grad = g
         if name in known:
             opts[name] = known[name](params)
+        elif name.endswith(_FUSED):
+            base_name = name[: -len(_FUSED)]
+            opts[name] = create_optimizer(base_name, params, fused=True, **_DANLU_KWARGS.get(base_name, {}))
         else:
             opts[name] = create_optimizer(name, params, **_DANLU_KWARGS.get(name, {}))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in opts}
+    first: dict[str, float] = {}
     with torch.no_grad():
         for r in range(warmup + repeats):
             for name, opt in opts.items():
@@ -131,6 +138,8 @@ def run_speed(
                 sync()
                 if r >= warmup:
                     times[name].append(time.perf_counter() - t0)
+                elif r == 0:
+                    first[name] = time.perf_counter() - t0
     ref = statistics.median(times["torch-adamw-fused"]) if "torch-adamw-fused" in times else None
     return [
         SpeedResult(
@@ -138,22 +147,32 @@ def run_speed(
             median_ms=1e3 * statistics.median(ts),
             ratio_to_fused_adamw=None if ref is None else statistics.median(ts) / ref,
             state_bytes_per_param=_state_bytes(opts[name]) / n,
+            first_step_s=first.get(name, float("nan")),
         )
         for name, ts in times.items()
     ]
 
 
-def default_names() -> list[str]:
-    from ..registry import list_optimizers
+_FUSED = "-fused"
 
-    return list(baselines()) + [n for n in list_optimizers() if n not in _NEEDS_CLOSURE and not n.startswith("torch-")]
+
+def default_names() -> list[str]:
+    """The baselines, every danlu optimizer that steps from ``.grad``, and ``<name>-fused`` for each
+    with a fused path."""
+    from ..registry import OPTIMIZERS, list_optimizers
+
+    names = [n for n in list_optimizers() if n not in _NEEDS_CLOSURE and not n.startswith("torch-")]
+    fused = [n + _FUSED for n in names if getattr(OPTIMIZERS.get(n), "_step_scalars", ())]
+    return list(baselines()) + names + fused
 
 
 def format_table(results: list[SpeedResult], n_params: int, header: str) -> str:
-    lines = [header, f"{'optimizer':<26}{'median ms':>11}{'× fused AdamW':>15}{'state B/param':>15}"]
+    lines = [header, f"{'optimizer':<26}{'median ms':>11}{'× fused AdamW':>15}{'state B/param':>15}"
+                     f"{'first step s':>14}"]
     for r in sorted(results, key=lambda r: r.median_ms):
         ratio = "—" if r.ratio_to_fused_adamw is None else f"{r.ratio_to_fused_adamw:.2f}"
-        lines.append(f"{r.name:<26}{r.median_ms:>11.2f}{ratio:>15}{r.state_bytes_per_param:>15.2f}")
+        lines.append(f"{r.name:<26}{r.median_ms:>11.2f}{ratio:>15}{r.state_bytes_per_param:>15.2f}"
+                     f"{r.first_step_s:>14.2f}")
     return "\n".join(lines)
 
 

@@ -20,16 +20,16 @@ def lion_update(
     exp_avg: torch.Tensor,
     *,
     lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
 ) -> None:
-    """One Lion step for one tensor, in place (google/automl order).
+    """One Lion step for one tensor, in place (google/automl order); scalars are numbers or 0-d tensors.
 
     c = β1·m + (1−β1)·g;  θ ← θ·(1 − η·λ) − η·sign(c);  m ← β2·m + (1−β2)·g
     """
-    sign_step_(param, exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1), lr=lr, weight_decay=weight_decay)
-    exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+    sign_step_(param, add_scaled_(exp_avg.mul(beta1), grad, 1.0 - beta1), lr=lr, weight_decay=weight_decay)
+    add_scaled_(exp_avg.mul_(beta2), grad, 1.0 - beta2)
 
 
 def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor, weight_decay: float) -> None:
@@ -97,6 +97,11 @@ class Lion(_SignMomentum):
             micro-step c = (β1/β2)·m + ((β2−β1)/β2)·g_k. This is exact for k = 1 and for β1 = β2 (Tiger),
             and **approximate** otherwise: the exact c needs the window-mean gradient ḡ, which is not
             stored, so the last micro-gradient g_k stands in for it (requires β2 > 0).
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
+            weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
+            to rounding. Not with ``accum_steps`` > 1.
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
@@ -116,10 +121,15 @@ class Lion(_SignMomentum):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         accum_steps: int = 1,
+        *,
+        fused: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), accum_steps)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, fused=fused), accum_steps)
+
+    _step_scalars = ("lr", "betas", "weight_decay")
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         beta1, beta2 = group["betas"] = check_betas("betas", group["betas"])
         if self.accum_steps > 1 and beta2 == 0.0 and beta1 != beta2:
@@ -156,6 +166,11 @@ class Tiger(_SignMomentum):
             **exact**: k micro-batches equal one step on the k-times-larger batch, to rounding (equal
             micro-batch sizes, mean-reduced loss, no batch-coupled layers). Cost: no gradient buffer;
             :meth:`fuse_into_backward` also frees each ``.grad`` as soon as it is folded in.
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
+            weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
+            to rounding. Not with ``accum_steps`` > 1.
 
     References:
         Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
@@ -168,11 +183,15 @@ class Tiger(_SignMomentum):
     """
 
     def __init__(
-        self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1
+        self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1,
+        *, fused: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay), accum_steps)
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, fused=fused), accum_steps)
+
+    _step_scalars = ("lr", "beta", "weight_decay")
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)

@@ -1,0 +1,135 @@
+"""The fused path: one compiled function per bucket of tensors, generated from the per-tensor kernel.
+
+``fused=True`` on an optimizer that opts in (class attribute ``_step_scalars``) makes its step, for
+each param group, group the tensors that have a gradient into *buckets* (same device, dtype and
+state dtypes) and run, per bucket, one ``torch.compile``-d function that applies the optimizer's own
+per-tensor kernel (``_update``) to every tensor of the bucket. Inductor fuses each tensor's
+elementwise chain into a single pass over memory (the C++ backend on CPU, Triton on CUDA), so the
+step moves the bytes the math needs and nothing more; the math itself is written once, in the kernel.
+
+Every hyperparameter a scheduler may change between steps (the names in ``_step_scalars``: ``lr``,
+``betas``, ``momentum``, ``weight_decay``, ...) enters the compiled function as a 0-d tensor that
+the driver keeps and ``fill_``s from the group before each step, so a scheduler, also one that
+writes Python floats (ReduceLROnPlateau, OneCycleLR's momentum), never recompiles. The kernels take
+these as Python numbers (the per-tensor path) or 0-d tensors (this one) alike; they match to
+rounding (float64 tests).
+
+Each bucket gets a function with a code object of its own, so dynamo's per-code cache holds one
+entry per bucket and buckets never evict each other. Where compilation fails (no compiler, an
+unsupported platform) the per-tensor path runs instead, with one warning; inside an outer
+``torch.compile`` the per-tensor path runs and is compiled by it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["FusedSteps"]
+
+
+def _apply_kernel(update: Callable[..., None], params: list[torch.Tensor], grads: list[torch.Tensor],
+                  states: list[dict[str, Any]], group: dict[str, Any]) -> None:
+    for p, g, st in zip(params, grads, states):
+        update(p, g, st, group)
+
+
+def _fresh_function(name: str) -> Callable[..., None]:
+    """A copy of :func:`_apply_kernel` with its own code object (dynamo caches per code object)."""
+    code = _apply_kernel.__code__.replace(co_name=name)
+    return type(_apply_kernel)(code, _apply_kernel.__globals__, name)
+
+
+def _scalar_like(value: Any, device: torch.device) -> Any:
+    """A 0-d float64 tensor holding ``value`` (a tuple of them for a tuple), or None for None."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return tuple(_scalar_like(v, device) for v in value)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _fill(slot: Any, value: Any) -> None:
+    if isinstance(slot, tuple):
+        for s, v in zip(slot, value):
+            _fill(s, v)
+    elif slot is not None:
+        slot.fill_(float(value))
+
+
+def _kind(value: Any) -> Any:
+    """What a scalar slot must look like for ``value``: None, a number, or a tuple of those."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return tuple(_kind(v) for v in value)
+    return float
+
+
+class FusedSteps:
+    """The compiled bucket functions and the 0-d scalar tensors of one optimizer."""
+
+    def __init__(self) -> None:
+        self._functions: dict[Any, Callable[..., None]] = {}
+        self._scalars: dict[Any, Any] = {}
+        self.disabled: str | None = None  # why the per-tensor path runs instead, once warned
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # compiled functions are rebuilt on demand (deepcopy, pickle)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def _group_view(self, gi: int, group: dict[str, Any], names: tuple[str, ...], device: torch.device) -> dict:
+        """``group`` with each of ``names`` replaced by the driver's 0-d tensor, filled from the group."""
+        view = dict(group)
+        for name in names:
+            value = group[name]
+            if isinstance(value, torch.Tensor):
+                continue  # a tensor lr is the user's own 0-d tensor already
+            key = (gi, name, device, _kind(value))
+            slot = self._scalars.get(key)
+            if slot is None:
+                slot = self._scalars[key] = _scalar_like(value, device)
+            else:
+                _fill(slot, value)
+            view[name] = slot
+        return view
+
+    def run(self, optimizer: Any, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Step ``work`` (parameters with a gradient, state initialised, none empty) bucket by bucket:
+        compiled where it can be, the per-tensor kernel where it cannot."""
+        compiling = torch.compiler.is_compiling()  # an outer torch.compile traces the per-tensor path
+        index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+        buckets: dict[Any, list[torch.Tensor]] = {}
+        for p, group in work:
+            state = optimizer.state[p]
+            dtypes = tuple(sorted((k, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)))
+            buckets.setdefault((index[id(group)], p.device, p.dtype, dtypes), []).append(p)
+        names = tuple(optimizer._step_scalars)
+        for key, params in buckets.items():
+            group = optimizer.param_groups[key[0]]
+            if self.disabled is None and not compiling:
+                fn = self._functions.get(key)
+                if fn is None:
+                    fn = self._functions[key] = torch.compile(
+                        _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True)
+                view = self._group_view(key[0], group, names, key[1])
+                try:
+                    fn(optimizer._update, params, [p.grad for p in params], [optimizer.state[p] for p in params],
+                       view)
+                    continue
+                except Exception as err:
+                    # A failed compilation raises before the bucket is touched; anything else is real.
+                    if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                        raise
+                    self._disable(optimizer, f"torch.compile failed ({type(err).__name__}: {err})")
+            for p in params:
+                optimizer._update(p, p.grad, optimizer.state[p], group)
+
+    def _disable(self, optimizer: Any, why: str) -> None:
+        self.disabled = why
+        warnings.warn(f"{type(optimizer).__name__}(fused=True): {why}; using the per-tensor path", RuntimeWarning,
+                      stacklevel=4)

@@ -1,0 +1,164 @@
+"""``fused=True``: one compiled pass per bucket (danlu._core.fused) equals the per-tensor path.
+
+Compiles use the real inductor backend on small buckets; each test builds few optimizers, since every
+fused optimizer compiles its buckets once.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import danlu
+
+FUSABLE = {
+    "Lion": lambda ps, **kw: danlu.Lion(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **kw),
+    "Tiger": lambda ps, **kw: danlu.Tiger(ps, lr=1e-2, beta=0.9, weight_decay=0.1, **kw),
+    "SGDM": lambda ps, **kw: danlu.SGDM(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
+}
+SHAPES = [((6, 5), torch.float64), ((5,), torch.float64), ((0, 3), torch.float64), ((3, 4, 5), torch.float64),
+          ((4, 4), torch.float32)]
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in SHAPES]
+
+
+def _grads(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [None if (i == 1 and step % 2) else torch.randn(s, generator=g, dtype=torch.float64).to(dt)
+            for i, (s, dt) in enumerate(SHAPES)]
+
+
+def _step(opt, params, step, sched):
+    for p, g in zip(params, _grads(step)):
+        p.grad = g
+    opt.step()
+    sched.step()
+
+
+def _assert_close(a, b):
+    for x, y in zip(a, b):
+        tol = dict(rtol=1e-12, atol=1e-14) if x.dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("name", list(FUSABLE))
+def test_fused_equals_per_tensor_and_state_dicts_cross_paths(name):
+    """Weight decay, a changing lr, a zero-size tensor, a parameter whose grad is None every other step,
+    float64 and float32 in one group (two buckets); then a fused state dict loaded into a per-tensor
+    optimizer continues like the fused one."""
+    torch._dynamo.reset()
+    make = FUSABLE[name]
+    loop_p, fused_p = _params(), _params()
+    loop, fused = make(loop_p), make(fused_p, fused=True)
+    lambda_lr = lambda t: 1.0 / (1 + t)  # noqa: E731
+    s_loop = torch.optim.lr_scheduler.LambdaLR(loop, lambda_lr)
+    s_fused = torch.optim.lr_scheduler.LambdaLR(fused, lambda_lr)
+    for t in range(4):
+        _step(loop, loop_p, t, s_loop)
+        _step(fused, fused_p, t, s_fused)
+        _assert_close(loop_p, fused_p)
+    assert fused.param_groups[0]["fused"] is True
+    driver = fused._fused_steps  # the compiled path ran (no silent fallback): one function per bucket
+    assert driver.disabled is None and len(driver._functions) == 2  # float64 and float32
+    # Cross-path resume: the fused optimizer's state into a per-tensor one, and back.
+    copy_p = [p.detach().clone() for p in fused_p]
+    resumed = make(copy_p)
+    s_resumed = torch.optim.lr_scheduler.LambdaLR(resumed, lambda_lr)  # the usual resume order
+    sd = copy.deepcopy(fused.state_dict())
+    sd["param_groups"][0]["fused"] = False
+    resumed.load_state_dict(sd)
+    s_resumed.load_state_dict(s_fused.state_dict())
+    for t in range(4, 6):
+        _step(fused, fused_p, t, s_fused)
+        _step(resumed, copy_p, t, s_resumed)
+    _assert_close(fused_p, copy_p)
+
+
+@pytest.mark.parametrize("sched", ["LambdaLR", "OneCycleLR", "ReduceLROnPlateau"])
+def test_fused_step_does_not_recompile_under_schedulers(sched):
+    """lr, betas/momentum (OneCycleLR cycles them) and weight decay reach the compiled bucket as 0-d
+    tensors the optimizer fills: one graph per bucket across 20 scheduled steps, Python floats included
+    (ReduceLROnPlateau writes floats)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    opt = danlu.SGDM(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    make = {
+        "LambdaLR": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (t + 1)),
+        "OneCycleLR": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=30),
+        "ReduceLROnPlateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
+    }
+    scheduler = make[sched]()
+    lrs, momenta = set(), set()
+    for i in range(20):
+        model(torch.randn(3, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step(float(i % 3)) if sched == "ReduceLROnPlateau" else scheduler.step()
+        lrs.add(opt.param_groups[0]["lr"])
+        momenta.add(opt.param_groups[0]["momentum"])
+    assert len(lrs) > 3 and (sched != "OneCycleLR" or len(momenta) > 3)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_fused_bad_input_is_refused_before_anything_changes():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match=r"^Invalid fused: 1 \(expected a bool\)$"):
+        danlu.Lion([p], fused=1)
+    with pytest.raises(ValueError, match=r"^Invalid fused: True \(expected False with accum_steps=2"):
+        danlu.SGDM([p], accum_steps=2, fused=True)
+    opt = danlu.Tiger([p])
+    with pytest.raises(TypeError, match="Invalid fused"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "fused": "yes"})
+    assert len(opt.param_groups) == 1
+
+
+def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
+    """No compiler (or an unsupported platform): the per-tensor path runs, with one warning."""
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    loop_p, fused_p = _params(), _params()
+    loop, fused = FUSABLE["Lion"](loop_p), FUSABLE["Lion"](fused_p, fused=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for t in range(3):
+            for opt, ps in ((loop, loop_p), (fused, fused_p)):
+                for p, g in zip(ps, _grads(t)):
+                    p.grad = g
+                opt.step()
+    msgs = [str(w.message) for w in seen if "fused=True" in str(w.message)]
+    assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
+    for a, b in zip(loop_p, fused_p):
+        assert torch.equal(a, b)  # the per-tensor path itself
+
+
+def test_fused_optimizer_deepcopies_and_pickles():
+    """The compiled functions are not part of the optimizer's state: a copy compiles its own."""
+    torch._dynamo.reset()
+    ps = _params()[:2]
+    opt = FUSABLE["Tiger"](ps, fused=True)
+    for p, g in zip(ps, _grads(0)[:2]):
+        p.grad = g
+    opt.step()
+    clone = copy.deepcopy((ps, opt))
+    for (p, q), g in zip(zip(ps, clone[0]), _grads(1)[:2]):
+        p.grad = g
+        q.grad = None if g is None else g.clone()
+    opt.step()
+    clone[1].step()
+    for a, b in zip(ps, clone[0]):
+        assert torch.equal(a, b)
