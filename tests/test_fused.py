@@ -19,6 +19,11 @@ FUSABLE = {
     "Lion": lambda ps, **kw: danlu.Lion(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **kw),
     "Tiger": lambda ps, **kw: danlu.Tiger(ps, lr=1e-2, beta=0.9, weight_decay=0.1, **kw),
     "SGDM": lambda ps, **kw: danlu.SGDM(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
+    "AdamW": lambda ps, **kw: danlu.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "AdaX": lambda ps, **kw: danlu.AdaX(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "Adafactor": lambda ps, **kw: danlu.Adafactor(ps, beta1=0.9, weight_decay=0.1, min_dim_size_to_factor=4, **kw),
+    "Amos": lambda ps, **kw: danlu.Amos(ps, lr=0.1, momentum=0.9, clip_value=1.0, extra_l2=1e-3, **kw),
+    "EGD": lambda ps, **kw: danlu.EGD(ps, lr=0.1, signed=True, **kw),
 }
 SHAPES = [((6, 5), torch.float64), ((5,), torch.float64), ((0, 3), torch.float64), ((3, 4, 5), torch.float64),
           ((4, 4), torch.float32)]
@@ -66,7 +71,9 @@ def test_fused_equals_per_tensor_and_state_dicts_cross_paths(name):
         _assert_close(loop_p, fused_p)
     assert fused.param_groups[0]["fused"] is True
     driver = fused._fused_steps  # the compiled path ran (no silent fallback): one function per bucket
-    assert driver.disabled is None and len(driver._functions) == 2  # float64 and float32
+    buckets = {(p.dtype, tuple(sorted((k, v.dtype) for k, v in fused.state[p].items() if torch.is_tensor(v))))
+               for p in fused_p if p.numel()}
+    assert driver.disabled is None and len(driver._functions) == len(buckets) >= 2  # float64 and float32
     # Cross-path resume: the fused optimizer's state into a per-tensor one, and back.
     copy_p = [p.detach().clone() for p in fused_p]
     resumed = make(copy_p)
@@ -81,8 +88,9 @@ def test_fused_equals_per_tensor_and_state_dicts_cross_paths(name):
     _assert_close(fused_p, copy_p)
 
 
-@pytest.mark.parametrize("sched", ["LambdaLR", "OneCycleLR", "ReduceLROnPlateau"])
-def test_fused_step_does_not_recompile_under_schedulers(sched):
+@pytest.mark.parametrize("name,sched", [("SGDM", "LambdaLR"), ("SGDM", "OneCycleLR"), ("SGDM", "ReduceLROnPlateau"),
+                                        ("AdamW", "OneCycleLR")])
+def test_fused_step_does_not_recompile_under_schedulers(name, sched):
     """lr, betas/momentum (OneCycleLR cycles them) and weight decay reach the compiled bucket as 0-d
     tensors the optimizer fills: one graph per bucket across 20 scheduled steps, Python floats included
     (ReduceLROnPlateau writes floats)."""
@@ -90,7 +98,7 @@ def test_fused_step_does_not_recompile_under_schedulers(sched):
     counters.clear()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
-    opt = danlu.SGDM(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = getattr(danlu, name)(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     make = {
         "LambdaLR": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (t + 1)),
         "OneCycleLR": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=30),
@@ -104,7 +112,7 @@ def test_fused_step_does_not_recompile_under_schedulers(sched):
         opt.zero_grad()
         scheduler.step(float(i % 3)) if sched == "ReduceLROnPlateau" else scheduler.step()
         lrs.add(opt.param_groups[0]["lr"])
-        momenta.add(opt.param_groups[0]["momentum"])
+        momenta.add(opt.param_groups[0]["momentum"] if name == "SGDM" else opt.param_groups[0]["betas"][0])
     assert len(lrs) > 3 and (sched != "OneCycleLR" or len(momenta) > 3)
     assert counters["stats"]["unique_graphs"] == 1
 

@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "decoupled_decay_",
     "add_scaled_",
+    "addcmul_scaled_",
     "scalar_sqrt",
     "rms",
     "factored_dims",
@@ -34,6 +35,13 @@ def add_scaled_(x: torch.Tensor, y: torch.Tensor, alpha: float | torch.Tensor) -
     if isinstance(alpha, torch.Tensor):
         return x.add_(y * alpha)
     return x.add_(y, alpha=alpha)
+
+
+def addcmul_scaled_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """x += value·y·z in place, for a Python-number value (one fused op) or a 0-d tensor value."""
+    if isinstance(value, torch.Tensor):
+        return x.add_(y * z * value)
+    return x.addcmul_(y, z, value=value)
 
 
 def scalar_sqrt(x: float | torch.Tensor) -> float | torch.Tensor:

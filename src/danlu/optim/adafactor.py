@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._core.numerics import factored_dims, factored_rsqrt, rms
+from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, rms
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_bool, check_lr, check_number, check_optional
 
@@ -55,12 +55,12 @@ def adafactor_update(
     update.div_(torch.clamp(rms(update) / clip_threshold, min=1.0))
     if beta1 is not None:
         exp_avg = state["exp_avg"]
-        exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
+        add_scaled_(exp_avg.mul_(beta1), update, 1.0 - beta1)
         update = exp_avg
     lr64 = torch.as_tensor(lr, dtype=torch.float64)
     rho = torch.minimum(t.rsqrt(), lr64) if relative_step else lr64
     alpha = rho * torch.clamp(rms(param), min=eps2) if scale_parameter else rho
-    if weight_decay != 0.0:
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - rho * weight_decay)
     param.sub_(update * alpha)
 
@@ -108,6 +108,10 @@ class Adafactor(DanluOptimizer):
         weight_decay: λ, decoupled, multiplied by ρ_t (not by α_t) (default 0).
         scale_parameter: multiply ρ_t by max(ε2, RMS(θ)) (default ``True``).
         min_dim_size_to_factor: factor only when both of the two largest dims reach it (default 128).
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr, beta1 and weight decay
+            enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
@@ -139,6 +143,8 @@ class Adafactor(DanluOptimizer):
         weight_decay: float = 0.0,
         scale_parameter: bool = True,
         min_dim_size_to_factor: int = 128,
+        *,
+        fused: bool = False,
     ) -> None:
         if relative_step is None:
             relative_step = lr is None
@@ -152,10 +158,14 @@ class Adafactor(DanluOptimizer):
             weight_decay=weight_decay,
             scale_parameter=scale_parameter,
             min_dim_size_to_factor=min_dim_size_to_factor,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
+    _step_scalars = ("lr", "beta1", "weight_decay")
+
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         check_bool("relative_step", group["relative_step"])
         eps = group["eps"]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._core.accumulate import AccumulatingOptimizer
-from .._core.numerics import decoupled_decay_
+from .._core.numerics import add_scaled_, addcmul_scaled_, decoupled_decay_
 from .._core.optimizer import ParamsT, init_moments
 from .._core.validate import check_betas, check_lr, check_number
 
@@ -44,6 +44,11 @@ class AdamW(AccumulatingOptimizer):
         eps: ε, added outside the square root (default 1e-8).
         weight_decay: λ, decoupled and multiplied by lr (default 1e-2).
         accum_steps: k ≥ 1 micro-batches per update (default 1).
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and weight decay
+            enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
+            Not with ``accum_steps`` > 1.
 
     References:
         Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv:1711.05101;
@@ -62,11 +67,16 @@ class AdamW(AccumulatingOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         accum_steps: int = 1,
+        *,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
         super().__init__(params, defaults, accum_steps)
 
+    _step_scalars = ("lr", "betas", "weight_decay")
+
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         group["betas"] = check_betas("betas", group["betas"])
         check_number("eps", group["eps"], low=0.0)
@@ -83,8 +93,8 @@ class AdamW(AccumulatingOptimizer):
         if first:
             m.mul_(beta1)
             v.mul_(beta2)
-        m.add_(grad, alpha=(1.0 - beta1) / k)
-        v.addcmul_(grad, grad, value=(1.0 - beta2) / k)
+        add_scaled_(m, grad, (1.0 - beta1) / k)
+        addcmul_scaled_(v, grad, grad, (1.0 - beta2) / k)
 
     def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
         beta1, beta2 = group["betas"]

@@ -20,7 +20,8 @@ def adax_beta_hat(step: torch.Tensor, beta2: float) -> torch.Tensor:
     ``step`` is the update counter (0-d in the optimizer), cast to float64 here. β̂_1 = 0 up to float64
     rounding, β̂_t → 1.
     """
-    return 1.0 - beta2 / torch.expm1(step.to(torch.float64) * math.log1p(beta2))
+    log1p = torch.log1p(beta2.to(torch.float64)) if isinstance(beta2, torch.Tensor) else math.log1p(beta2)
+    return 1.0 - beta2 / torch.expm1(step.to(torch.float64) * log1p)
 
 
 def adax_update(
@@ -42,7 +43,7 @@ def adax_update(
     """
     step.add_(1)
     beta_hat = adax_beta_hat(step, beta2)
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    add_scaled_(exp_avg.mul_(beta1), grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta_hat).add_(grad.square().mul_(1.0 - beta_hat))
     decoupled_decay_(param, lr, weight_decay)
     if isinstance(lr, torch.Tensor):
@@ -76,6 +77,10 @@ class AdaX(DanluOptimizer):
         betas: (β1, β2) (default (0.9, 1e-4)).
         eps: ε, added outside the square root of the normalised v̂ (default 1e-6, Su's V2 value).
         weight_decay: λ, decoupled and multiplied by lr (default 0).
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and weight decay
+            enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
 
     State: ``step`` (0-d float32), ``exp_avg`` (m) and ``exp_avg_sq`` (v̂), in the parameter's dtype.
 
@@ -98,10 +103,15 @@ class AdaX(DanluOptimizer):
         betas: tuple[float, float] = (0.9, 1e-4),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        *,
+        fused: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused))
+
+    _step_scalars = ("lr", "betas", "weight_decay")
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         beta1, beta2 = check_betas("betas", group["betas"])
         if beta2 == 0.0:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._core.modules import classify_parameters
-from .._core.numerics import propagate_nonfinite_, scalar_sqrt
+from .._core.numerics import add_scaled_, propagate_nonfinite_, scalar_sqrt
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_lr, check_number, check_optional
 
@@ -74,7 +74,7 @@ def amos_update(
     b.add_(gamma * (1.0 + b))
     if momentum is not None:
         exp_avg = state["exp_avg"]
-        exp_avg.mul_(momentum).add_(delta, alpha=1.0 - momentum)
+        add_scaled_(exp_avg.mul_(momentum), delta, 1.0 - momentum)
         delta = exp_avg
     param.add_(delta)
 
@@ -121,6 +121,10 @@ class Amos(DanluOptimizer):
         d_coef: d, decay of the learning rate (default 0.25).
         extra_l2: ℓ2, extra L2 regularisation (default 0).
         eps: ε, floor of v (default 2^−125).
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); lr and momentum
+            enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
 
     References:
         Tian & Parikh, "Amos: An Adam-style Optimizer with Adaptive Weight Decay towards
@@ -148,6 +152,8 @@ class Amos(DanluOptimizer):
         d_coef: float = 0.25,
         extra_l2: float = 0.0,
         eps: float = 2.0**-125,
+        *,
+        fused: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -160,10 +166,14 @@ class Amos(DanluOptimizer):
             eps=eps,
             eta=None,
             reduce_dims=None,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
+    _step_scalars = ("lr", "momentum")
+
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_optional("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)

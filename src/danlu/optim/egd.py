@@ -117,6 +117,10 @@ class EGD(DanluOptimizer):
         delta: δ > 0, the offset of EG±'s θ⁺ and θ⁻ at initialisation (default 0.1; signed mode only).
         l1_budget: U > 0, rescale after every step so that Σθ⁺ + Σθ⁻ = U per tensor (default None:
             unnormalised EG±). Signed mode only.
+        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
+            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
+            (default False). The first step compiles (seconds; cached in the optimizer); the lr enters
+            as a 0-d tensor, so schedulers do not recompile. Same math as the loop, to rounding.
 
     Exactness and cost per step: EGU is one elementwise pass (a fresh exponent buffer, no state); the
     simplex adds a max and a sum along ``simplex_dim``; EG± keeps one state tensor θ⁻ (1× the
@@ -150,11 +154,17 @@ class EGD(DanluOptimizer):
         clamp: float = 20.0,
         delta: float = 0.1,
         l1_budget: float | None = None,
+        *,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, simplex_dim=simplex_dim, signed=signed, clamp=clamp, delta=delta, l1_budget=l1_budget)
+        defaults = dict(lr=lr, simplex_dim=simplex_dim, signed=signed, clamp=clamp, delta=delta, l1_budget=l1_budget,
+                        fused=fused)
         super().__init__(params, defaults)
 
+    _step_scalars = ("lr",)
+
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._check_fused(group, params)
         group["lr"] = check_lr(group["lr"])
         check_number("clamp", group["clamp"], low=0.0, low_open=True)
         check_number("delta", group["delta"], low=0.0, low_open=True)
