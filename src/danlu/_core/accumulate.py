@@ -110,6 +110,9 @@ class AccumulatingOptimizer(DanluOptimizer):
         if group.get("fused") and self.accum_steps > 1:
             raise ValueError(f"Invalid fused: True (expected False with accum_steps={self.accum_steps}: the fused "
                              "path takes one plain step per call)")
+        if group.get("state_dtype") == torch.bfloat16 and self.accum_steps > 1:
+            raise ValueError(f"Invalid state_dtype: torch.bfloat16 (expected None, torch.float32 or torch.float64 "
+                             f"with accum_steps={self.accum_steps}: micro-steps fold into the state in place)")
 
     # --- the micro-step machinery --------------------------------------------------------------
     def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int) -> None:

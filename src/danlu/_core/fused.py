@@ -118,8 +118,8 @@ class FusedSteps:
                         _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True)
                 view = self._group_view(key[0], group, names, key[1])
                 try:
-                    fn(optimizer._update, params, [p.grad for p in params], [optimizer.state[p] for p in params],
-                       view)
+                    fn(optimizer._update_stored, params, [p.grad for p in params],
+                       [optimizer.state[p] for p in params], view)
                     continue
                 except Exception as err:
                     # A failed compilation raises before the bucket is touched; anything else is real.
@@ -127,7 +127,7 @@ class FusedSteps:
                         raise
                     self._disable(optimizer, f"torch.compile failed ({type(err).__name__}: {err})")
             for p in params:
-                optimizer._update(p, p.grad, optimizer.state[p], group)
+                optimizer._update_stored(p, p.grad, optimizer.state[p], group)
 
     def _disable(self, optimizer: Any, why: str) -> None:
         self.disabled = why

@@ -35,7 +35,8 @@ _TAG = "danlu_optimizer"
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 # Options added after danlu 0.1: a saved group without them takes the optimizer's default.
-_LATER_OPTIONS = frozenset({"fused"})
+_LATER_OPTIONS = frozenset({"fused", "state_dtype"})
+_STATE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 # The update counter's dtype: float32, as torch.optim's own (exact up to 2**24 ≈ 16.7M steps). An
 # in-place add on a 0-d float64 CPU tensor is lost under torch.compile (aot_eager and inductor, torch
@@ -100,6 +101,9 @@ class DanluOptimizer(torch.optim.Optimizer):
     # ``fused=True`` support (danlu._core.fused): the group entries that change between steps and
     # reach ``_update`` as 0-d tensors on the fused path. Empty: the optimizer has no fused path.
     _step_scalars: tuple[str, ...] = ()
+    # ``state_dtype`` support: the state entries that may be stored in another dtype than the
+    # parameter's (momenta); bfloat16 storage is rounded stochastically (danlu._core.rounding).
+    _low_precision_state: frozenset[str] = frozenset()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate_group(dict(defaults), [])
@@ -178,12 +182,14 @@ class DanluOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, group, state)
+                if group.get("state_dtype") is not None:
+                    self._init_stored(p, group, state)
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
             if group.get("fused"):
                 fused.append((p, group))
             else:
-                self._update(p, p.grad, state, group)
+                self._update_stored(p, p.grad, state, group)
         if fused:
             driver = self.__dict__.get("_fused_steps")
             if driver is None:
@@ -191,6 +197,62 @@ class DanluOptimizer(torch.optim.Optimizer):
 
                 driver = self.__dict__["_fused_steps"] = FusedSteps()
             driver.run(self, fused)
+
+    # --- state stored in another dtype ------------------------------------------------------------
+    def _init_stored(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Convert the fresh low-precision entries to ``state_dtype``; bfloat16 storage also gets the
+        stochastic-rounding key: ``sr_seed`` (from the parameter's place) and ``sr_step`` (0-d int64)."""
+        dtype = group["state_dtype"]
+        for k in self._low_precision_state & set(state):
+            state[k] = state[k].to(dtype)
+        if dtype == torch.bfloat16:
+            from .rounding import param_seed  # noqa: PLC0415
+
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            pos = next(i for i, q in enumerate(group["params"]) if q is p)
+            state["sr_seed"] = param_seed(gi, pos)
+            state["sr_step"] = torch.zeros((), dtype=torch.int64)
+
+    def _update_stored(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """``_update`` with the state in ``state_dtype``: float32/float64 storage is used as is (the
+        kernel's ops promote); bfloat16 storage is computed in float32 and rounded stochastically
+        on store, keyed by (``sr_seed``, ``sr_step``, element offset)."""
+        dtype = group.get("state_dtype")
+        if dtype is None:
+            self._update(p, grad, state, group)
+            return
+        if dtype != torch.bfloat16:
+            self._update(p, grad, state, group)
+            for k in self._low_precision_state & set(state):  # created mid-run in the parameter's dtype
+                if state[k].dtype != dtype:
+                    state[k] = state[k].to(dtype)
+            return
+        from .rounding import stochastic_round_to_bf16  # noqa: PLC0415
+
+        low = self._low_precision_state
+        work = {k: (v.float() if k in low and isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        self._update(p, grad, work, group)
+        state["sr_step"].add_(1)
+        for k in low & set(work):
+            rounded = stochastic_round_to_bf16(work[k], state["sr_seed"], state["sr_step"])
+            if k in state:
+                state[k].copy_(rounded)
+            else:
+                state[k] = rounded
+        for k, v in work.items():  # entries the kernel made that are not low precision
+            if k not in low and k not in state:
+                state[k] = v
+
+    def _check_state_dtype(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Validate ``state_dtype`` (call from ``_validate_group`` of an optimizer that supports it)."""
+        dtype = group.get("state_dtype")
+        if dtype is None:
+            return
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"Invalid state_dtype: {dtype!r} (expected None or a floating torch.dtype)")
+        if dtype not in _STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {dtype!r} (expected None, torch.bfloat16, torch.float32 or "
+                             "torch.float64; float16's range is too narrow for second moments, use bfloat16)")
 
     def _check_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """Validate ``fused`` (call from ``_validate_group`` of an optimizer with a fused path)."""
@@ -245,9 +307,26 @@ class DanluOptimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
+        self._keep_saved_dtypes(state_dict)
         self._after_load()
         for hook in post.values():
             hook(self)
+
+    def _keep_saved_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts every state tensor to its floating parameter's dtype: put back, without
+        that rounding, the entries saved in another dtype (``state_dtype`` storage: bfloat16 state on
+        float32 parameters, float32 state on bfloat16 ones; the int64 rounding key)."""
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            mine = self.state.get(p)
+            if not isinstance(saved, dict) or not isinstance(mine, dict):
+                continue
+            for k, v in saved.items():
+                if (isinstance(v, torch.Tensor) and isinstance(mine.get(k), torch.Tensor)
+                        and mine[k].dtype != v.dtype and k != "step"):
+                    mine[k] = v.to(device=p.device, copy=True)
 
     def _after_load(self) -> None:
         """Normalise the loaded state (before the post-hooks): the float32 step counter."""

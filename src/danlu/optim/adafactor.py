@@ -112,6 +112,10 @@ class Adafactor(DanluOptimizer):
             device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
             (default False). The first step compiles (seconds; cached in the optimizer); lr, beta1 and weight decay
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
+        state_dtype: store the momentum ``exp_avg`` (with ``beta1``) in this dtype instead of the parameter's (default None): bfloat16
+            halves their memory on float32 parameters (computed in float32, rounded stochastically on
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            float32 keeps full-precision state for bfloat16 parameters.
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
@@ -145,6 +149,7 @@ class Adafactor(DanluOptimizer):
         min_dim_size_to_factor: int = 128,
         *,
         fused: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if relative_step is None:
             relative_step = lr is None
@@ -159,13 +164,16 @@ class Adafactor(DanluOptimizer):
             scale_parameter=scale_parameter,
             min_dim_size_to_factor=min_dim_size_to_factor,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
     _step_scalars = ("lr", "beta1", "weight_decay")
+    _low_precision_state = frozenset({"exp_avg"})
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
+        self._check_state_dtype(group, params)
         group["lr"] = check_lr(group["lr"])
         check_bool("relative_step", group["relative_step"])
         eps = group["eps"]

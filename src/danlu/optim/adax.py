@@ -81,6 +81,11 @@ class AdaX(DanluOptimizer):
             device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
             (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and weight decay
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
+        state_dtype: store m and v̂ in this dtype instead of the parameter's (default None): bfloat16
+            halves their memory on float32 parameters (computed in float32, rounded stochastically on
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            float32 keeps full-precision state for bfloat16 parameters. float32 on bfloat16 parameters also keeps
+            β̂_t from rounding to 1 in the state's dtype.
 
     State: ``step`` (0-d float32), ``exp_avg`` (m) and ``exp_avg_sq`` (v̂), in the parameter's dtype.
 
@@ -105,13 +110,17 @@ class AdaX(DanluOptimizer):
         weight_decay: float = 0.0,
         *,
         fused: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused,
+                                      state_dtype=state_dtype))
 
     _step_scalars = ("lr", "betas", "weight_decay")
+    _low_precision_state = frozenset({"exp_avg", "exp_avg_sq"})
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
+        self._check_state_dtype(group, params)
         group["lr"] = check_lr(group["lr"])
         beta1, beta2 = check_betas("betas", group["betas"])
         if beta2 == 0.0:

@@ -42,6 +42,8 @@ def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor
 class _SignMomentum(AccumulatingOptimizer):
     """Accumulation for Lion/Tiger: the window's micro-gradients are folded into m with β2."""
 
+    _low_precision_state = frozenset({"exp_avg"})
+
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         raise NotImplementedError
 
@@ -102,6 +104,10 @@ class Lion(_SignMomentum):
             (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
             weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
             to rounding. Not with ``accum_steps`` > 1.
+        state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None): bfloat16
+            halves their memory on float32 parameters (computed in float32, rounded stochastically on
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
@@ -123,13 +129,16 @@ class Lion(_SignMomentum):
         accum_steps: int = 1,
         *,
         fused: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, fused=fused), accum_steps)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, fused=fused,
+                                      state_dtype=state_dtype), accum_steps)
 
     _step_scalars = ("lr", "betas", "weight_decay")
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
+        self._check_state_dtype(group, params)
         group["lr"] = check_lr(group["lr"])
         beta1, beta2 = group["betas"] = check_betas("betas", group["betas"])
         if self.accum_steps > 1 and beta2 == 0.0 and beta1 != beta2:
@@ -171,6 +180,10 @@ class Tiger(_SignMomentum):
             (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
             weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
             to rounding. Not with ``accum_steps`` > 1.
+        state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None): bfloat16
+            halves their memory on float32 parameters (computed in float32, rounded stochastically on
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
 
     References:
         Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
@@ -184,14 +197,16 @@ class Tiger(_SignMomentum):
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1,
-        *, fused: bool = False,
+        *, fused: bool = False, state_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, fused=fused), accum_steps)
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, fused=fused,
+                                      state_dtype=state_dtype), accum_steps)
 
     _step_scalars = ("lr", "beta", "weight_decay")
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
+        self._check_state_dtype(group, params)
         group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)

@@ -1,0 +1,172 @@
+"""``state_dtype``: optimizer state in another dtype than the parameters, bfloat16 with stochastic
+rounding (danlu._core.rounding)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import danlu
+from danlu._core.rounding import param_seed, stochastic_round_to_bf16
+
+BF16 = torch.bfloat16
+
+
+def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bfloat16 values just below and above each float32 entry (by truncating and incrementing the bits)."""
+    bits = x.view(torch.int32)
+    down = (bits & -65536).view(torch.float32)
+    up = ((bits & -65536) + 65536).view(torch.float32)
+    return torch.minimum(down, up), torch.maximum(down, up)
+
+
+def test_stochastic_rounding_is_unbiased_onto_the_two_neighbours():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g) * torch.logspace(-3, 3, 20000)
+    lo, hi = _neighbours(x)
+    rounds = torch.stack([stochastic_round_to_bf16(x, param_seed(0, 1), torch.tensor(s)).float() for s in range(200)])
+    assert ((rounds == lo) | (rounds == hi)).all(), "every output is one of the two bfloat16 neighbours"
+    # Unbiased: the mean of 200 roundings of each entry, in units of its ulp, is its position between
+    # the neighbours; over 20000 entries the mean error is 0 within 5 standard errors.
+    ulp = hi - lo
+    err = (rounds.mean(0) - x) / ulp
+    se = 0.5 / (200 * 20000) ** 0.5  # |error| ≤ ulp/2 per rounding, so its sd ≤ ulp/2
+    assert abs(err.mean().item()) < 5 * se
+    # Each entry's rounding frequency matches its position (200 draws: within 0.15 for all).
+    frac = (x - lo) / ulp
+    assert ((rounds == hi).float().mean(0) - frac).abs().max() < 0.15
+
+
+def test_stochastic_rounding_keeps_representable_values_and_specials():
+    v = torch.tensor([1.0, -1.5, 0.0, -0.0, 2.0**-130, float("inf"), float("-inf"), float("nan"), 3.0e38])
+    out = stochastic_round_to_bf16(v, param_seed(2, 3), torch.tensor(5))
+    assert out.dtype == BF16
+    assert torch.equal(out[:7].float(), v[:7]) and torch.signbit(out[3])
+    assert torch.isnan(out[7])
+    assert out[8].float() in _neighbours(v[8:9])[0].tolist() + _neighbours(v[8:9])[1].tolist()
+
+
+def test_noise_is_reproducible_and_keyed():
+    x = torch.full((1000,), 1.0 + 2**-10)
+    a = stochastic_round_to_bf16(x, param_seed(0, 0), torch.tensor(3))
+    assert torch.equal(a, stochastic_round_to_bf16(x.clone(), param_seed(0, 0), torch.tensor(3)))
+    assert not torch.equal(a, stochastic_round_to_bf16(x, param_seed(0, 0), torch.tensor(4)))
+    assert not torch.equal(a, stochastic_round_to_bf16(x, param_seed(0, 1), torch.tensor(3)))
+
+
+def _run(state_dtype, param_dtype, steps=2000):
+    """SGDM with β = 0.999 on a constant gradient 1, lr 0: m_t = 1 − 0.999^t exactly in real arithmetic.
+    Each step adds 0.001·(1 − m), below half a bfloat16 ulp of m once m > 0.25."""
+    p = torch.nn.Parameter(torch.zeros(2000, dtype=param_dtype))
+    opt = danlu.SGDM([p], lr=0.0, momentum=0.999, state_dtype=state_dtype)
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    return opt.state[p]["momentum_buffer"]
+
+
+def test_bf16_state_with_stochastic_rounding_tracks_fp32_where_round_to_nearest_stalls():
+    exact = 1 - 0.999**2000  # 0.8648
+    fp32 = _run(None, torch.float32).float().mean().item()
+    sr = _run(BF16, torch.float32)
+    rn = _run(None, BF16).float().mean().item()  # bfloat16 state updated in place, round to nearest
+    assert sr.dtype == BF16
+    assert abs(fp32 - exact) < 1e-4
+    assert abs(sr.float().mean().item() - exact) < 0.01  # 2000 entries, each unbiased
+    assert exact - rn > 0.2, f"round to nearest should stall far below {exact:.3f}, got {rn:.3f}"
+
+
+@pytest.mark.parametrize("cls,kw,keys", [
+    (danlu.Lion, {}, ["exp_avg"]),
+    (danlu.Tiger, {}, ["exp_avg"]),
+    (danlu.SGDM, {}, ["momentum_buffer"]),
+    (danlu.AdamW, {}, ["exp_avg", "exp_avg_sq"]),
+    (danlu.AdaX, {}, ["exp_avg", "exp_avg_sq"]),
+    (danlu.Adafactor, {"beta1": 0.9}, ["exp_avg"]),
+])
+@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, BF16), (BF16, torch.float32)],
+                         ids=["bf16-state-on-fp32", "fp32-state-on-bf16"])
+def test_state_dtype_is_kept_and_survives_state_dict(cls, kw, keys, param_dtype, state_dtype):
+    """torch's load casts floating state to the parameter's dtype; the saved dtype must survive, and the
+    reloaded optimizer continues bit for bit (the rounding noise is keyed, not drawn)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 4).to(param_dtype)), torch.nn.Parameter(torch.randn(4).to(param_dtype))]
+    opt = cls(params, lr=1e-2, state_dtype=state_dtype, **kw)
+
+    def step(o, ps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(param_dtype)
+        o.step()
+
+    for s in range(3):
+        step(opt, params, s)
+    for p in params:
+        for k in keys:
+            assert opt.state[p][k].dtype == state_dtype
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = cls(params2, lr=1e-2, state_dtype=state_dtype, **kw)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p, q in zip(params, params2):
+        for k in keys:
+            assert opt2.state[q][k].dtype == state_dtype and torch.equal(opt2.state[q][k], opt.state[p][k])
+    for s in range(3, 6):
+        step(opt, params, s)
+        step(opt2, params2, s)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    clone = copy.deepcopy(opt)
+    assert all(clone.state[q][k].dtype == state_dtype for q in clone.param_groups[0]["params"] for k in keys)
+
+
+def test_bf16_state_halves_the_bytes():
+    from danlu.bench.speed import _state_bytes
+
+    sizes = {}
+    for dtype in (None, BF16):
+        p = torch.nn.Parameter(torch.randn(1000))
+        opt = danlu.Lion([p], state_dtype=dtype)
+        p.grad = torch.randn(1000)
+        opt.step()
+        sizes[dtype] = _state_bytes(opt)
+    assert sizes[BF16] <= sizes[None] / 2 + 16  # + the 0-d rounding key
+
+
+def test_fused_bf16_state_matches_the_loop_to_one_ulp():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(6, 5, generator=g), torch.randn(7, generator=g)]
+    runs = []
+    for fused in (False, True):
+        ps = [p.clone() for p in base]
+        opt = danlu.Lion(ps, lr=1e-2, state_dtype=BF16, fused=fused)
+        gg = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gg)
+            opt.step()
+        runs.append((ps, [opt.state[p]["exp_avg"] for p in ps]))
+    for m_loop, m_fused in zip(runs[0][1], runs[1][1]):
+        lo, hi = _neighbours(m_loop.float())
+        assert ((m_fused.float() - m_loop.float()).abs() <= (hi - lo)).all()
+
+
+@pytest.mark.parametrize("value,exc,regex", [
+    ("bfloat16", TypeError, r"^Invalid state_dtype: 'bfloat16' \(expected None or a floating torch\.dtype\)$"),
+    (torch.int8, TypeError, r"^Invalid state_dtype: torch\.int8 "),
+    (torch.float16, ValueError, r"^Invalid state_dtype: torch\.float16 \(expected None, torch\.bfloat16"),
+])
+def test_bad_state_dtype_is_refused(value, exc, regex):
+    with pytest.raises(exc, match=regex):
+        danlu.AdamW([torch.nn.Parameter(torch.randn(3))], state_dtype=value)
+
+
+def test_bf16_state_with_accumulation_is_refused():
+    with pytest.raises(ValueError, match=r"^Invalid state_dtype: torch\.bfloat16 \(expected None, torch\.float32"):
+        danlu.SGDM([torch.nn.Parameter(torch.randn(3))], accum_steps=2, state_dtype=BF16)
