@@ -114,7 +114,8 @@ class Adafactor(DanluOptimizer):
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
         state_dtype: store the momentum ``exp_avg`` (with ``beta1``) in this dtype instead of the parameter's (default None): bfloat16
             halves their memory on float32 parameters (computed in float32, rounded stochastically on
-            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
+            the per-tensor path only, not with ``fused=True`` yet);
             float32 keeps full-precision state for bfloat16 parameters.
 
     References:

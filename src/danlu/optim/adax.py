@@ -83,7 +83,8 @@ class AdaX(DanluOptimizer):
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
         state_dtype: store m and v̂ in this dtype instead of the parameter's (default None): bfloat16
             halves their memory on float32 parameters (computed in float32, rounded stochastically on
-            store with counter-based noise: unbiased, reproducible, identical across DDP replicas);
+            store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
+            the per-tensor path only, not with ``fused=True`` yet);
             float32 keeps full-precision state for bfloat16 parameters. float32 on bfloat16 parameters also keeps
             β̂_t from rounding to 1 in the state's dtype.
 
