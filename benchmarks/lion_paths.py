@@ -1,5 +1,6 @@
-"""Lion's step three ways against torch's fused AdamW, interleaved in one process: the per-tensor loop,
-a hand-written ``torch._foreach_*`` step (the candidate default path on CPU) and ``fused=True``.
+"""Lion's step four ways against torch's fused AdamW, interleaved in one process: the per-tensor loop,
+a hand-written ``torch._foreach_*`` step (the candidate default path on CPU), ``fused=True``, and the
+loop with bfloat16 state (``state_dtype=torch.bfloat16``, stochastic rounding).
 
 Run: ``python benchmarks/lion_paths.py`` (29.4M parameters in transformer shapes, fp32, 8 rounds; the
 medians of rounds 3-8 and their ratios to fused AdamW are printed).
@@ -40,6 +41,7 @@ def main() -> None:
         "torch-adamw-fused": torch.optim.AdamW(params(), lr=1e-3, fused=True),
         "lion (loop)": danlu.Lion(params(), lr=1e-4, weight_decay=0.1),
         "lion (fused=True)": danlu.Lion(params(), lr=1e-4, weight_decay=0.1, fused=True),
+        "lion (bf16 state)": danlu.Lion(params(), lr=1e-4, weight_decay=0.1, state_dtype=torch.bfloat16),
     }
     fe_params, fe_m = [p.clone() for p in base], [torch.zeros_like(p) for p in base]
     steps = {name: opt.step for name, opt in opts.items()}
