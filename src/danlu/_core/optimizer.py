@@ -260,8 +260,8 @@ class DanluOptimizer(torch.optim.Optimizer):
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r} (expected a bool)")
         if fused and group.get("state_dtype") == torch.bfloat16:
-            # Measured: inductor took 217 s to build Lion's rounded bucket for 1.9M parameters, and
-            # the step ran at 2.7× torch's fused AdamW (danlu speed --params 2e6).
+            # In a trial inductor took 217 s to build Lion's rounded bucket for 1.9M parameters and
+            # the step ran at 2.7× torch's fused AdamW: not a usable path yet.
             raise ValueError("Invalid fused: True (expected False with state_dtype=torch.bfloat16: the compiled "
                              "stochastic rounding is not usable yet; bfloat16 state runs on the per-tensor path)")
 
