@@ -110,6 +110,9 @@ class AccumulatingOptimizer(DanluOptimizer):
         if group.get("fused") and self.accum_steps > 1:
             raise ValueError(f"Invalid fused: True (expected False with accum_steps={self.accum_steps}: the fused "
                              "path takes one plain step per call)")
+
+    def _check_state_dtype(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        super()._check_state_dtype(group, params)
         if group.get("state_dtype") == torch.bfloat16 and self.accum_steps > 1:
             raise ValueError(f"Invalid state_dtype: torch.bfloat16 (expected None, torch.float32 or torch.float64 "
                              f"with accum_steps={self.accum_steps}: micro-steps fold into the state in place)")
