@@ -125,6 +125,18 @@ def test_state_dtype_is_kept_and_survives_state_dict(cls, kw, keys, param_dtype,
     assert all(clone.state[q][k].dtype == state_dtype for q in clone.param_groups[0]["params"] for k in keys)
 
 
+def test_state_dtype_switched_on_mid_run():
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = danlu.AdamW([p])
+    for i in range(4):
+        if i == 2:
+            opt.param_groups[0]["state_dtype"] = BF16
+        p.grad = torch.randn(8)
+        opt.step()
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == BF16 and int(st["sr_step"]) == 2
+
+
 def test_bf16_state_halves_the_bytes():
     from danlu.bench.speed import _state_bytes
 

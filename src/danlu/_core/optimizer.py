@@ -229,6 +229,8 @@ class DanluOptimizer(torch.optim.Optimizer):
             return
         from .rounding import stochastic_round_to_bf16  # noqa: PLC0415
 
+        if "sr_step" not in state:  # state_dtype set on the group after this state was made
+            self._init_stored(p, group, state)
         low = self._low_precision_state
         work = {k: (v.float() if k in low and isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self._update(p, grad, work, group)
