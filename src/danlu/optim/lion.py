@@ -104,11 +104,11 @@ class Lion(_SignMomentum):
             (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
             weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
             to rounding. Not with ``accum_steps`` > 1.
-        state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None): bfloat16
-            halves their memory on float32 parameters (computed in float32, rounded stochastically on
-            store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            the per-tensor path only, not with ``fused=True`` yet);
-            float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
+        state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None).
+            bfloat16 halves its memory on float32 parameters: computed in float32, rounded
+            stochastically on store with counter-based noise (unbiased, reproducible, identical across
+            DDP replicas); the per-tensor path only (not with ``fused=True`` yet, nor with
+            ``accum_steps`` > 1). float32 keeps full-precision state for bfloat16 parameters.
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
@@ -176,16 +176,7 @@ class Tiger(_SignMomentum):
             **exact**: k micro-batches equal one step on the k-times-larger batch, to rounding (equal
             micro-batch sizes, mean-reduced loss, no batch-coupled layers). Cost: no gradient buffer;
             :meth:`fuse_into_backward` also frees each ``.grad`` as soon as it is folded in.
-        fused: run the step as one ``torch.compile``-d single pass per bucket of tensors (same
-            device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
-            (default False). The first step compiles (seconds; cached in the optimizer); lr, betas and
-            weight decay enter as 0-d tensors, so schedulers do not recompile. Same math as the loop,
-            to rounding. Not with ``accum_steps`` > 1.
-        state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None): bfloat16
-            halves their memory on float32 parameters (computed in float32, rounded stochastically on
-            store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            the per-tensor path only, not with ``fused=True`` yet);
-            float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
+        fused, state_dtype: as in :class:`Lion` (``beta`` is the scalar that enters as a 0-d tensor).
 
     References:
         Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
