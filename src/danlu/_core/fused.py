@@ -109,6 +109,7 @@ class FusedSteps:
             dtypes = tuple(sorted((k, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)))
             buckets.setdefault((index[id(group)], p.device, p.dtype, dtypes), []).append(p)
         names = tuple(optimizer._step_scalars)
+        views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
         for key, params in buckets.items():
             group = optimizer.param_groups[key[0]]
             if self.disabled is None and not compiling:
@@ -116,7 +117,9 @@ class FusedSteps:
                 if fn is None:
                     fn = self._functions[key] = torch.compile(
                         _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True)
-                view = self._group_view(key[0], group, names, key[1])
+                view = views.get(key[:2])
+                if view is None:
+                    view = views[key[:2]] = self._group_view(key[0], group, names, key[1])
                 try:
                     fn(optimizer._update_stored, params, [p.grad for p in params],
                        [optimizer.state[p] for p in params], view)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 __all__ = ["DanluOptimizer", "ParamsT", "init_moments", "new_step", "STEP_DTYPE", "is_state_init_step",
-           "run_load_pre_hooks"]
+           "run_load_pre_hooks", "run_state_dict_post_hooks", "run_load_post_hooks", "hooks_suspended"]
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -83,6 +84,35 @@ def run_load_pre_hooks(optimizer: torch.optim.Optimizer, state_dict: Any) -> Any
         if out is not None:
             state_dict = out
     return state_dict
+
+
+def run_state_dict_post_hooks(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Run the optimizer's state-dict post-hooks as torch does (a hook may return a new dict)."""
+    for hook in list(optimizer._optimizer_state_dict_post_hooks.values()):
+        out = hook(optimizer, state_dict)
+        if out is not None:
+            state_dict = out
+    return state_dict
+
+
+def run_load_post_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Run the optimizer's load-state-dict post-hooks as torch does."""
+    for hook in list(optimizer._optimizer_load_state_dict_post_hooks.values()):
+        hook(optimizer)
+
+
+@contextmanager
+def hooks_suspended(optimizer: torch.optim.Optimizer, *tables: str) -> Iterator[None]:
+    """Empty the named hook tables (``"_optimizer_state_dict_post_hooks"``, ...) while torch's own
+    ``state_dict``/``load_state_dict`` runs, so that danlu runs those hooks itself, at the right point."""
+    saved = {name: getattr(optimizer, name) for name in tables}
+    for name in tables:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(optimizer, name, hooks)
 
 
 def init_moments(p: torch.Tensor, state: dict[str, Any]) -> None:
@@ -270,18 +300,10 @@ class DanluOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (pre-hooks, ``state``, ``param_groups``) with danlu's entries added
         (:meth:`_state_dict_entries`), then the post-hooks, which see and may replace the whole dict."""
-        post = self._optimizer_state_dict_post_hooks
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        try:
+        with hooks_suspended(self, "_optimizer_state_dict_post_hooks"):
             sd = super().state_dict()
-        finally:
-            self._optimizer_state_dict_post_hooks = post
         self._state_dict_entries(sd)
-        for hook in post.values():
-            out = hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
+        return run_state_dict_post_hooks(self, sd)
 
     def _state_dict_entries(self, sd: dict[str, Any]) -> None:
         """Add danlu's top-level entries (the class tag; subclasses add theirs) to ``sd`` in place."""
@@ -305,19 +327,12 @@ class DanluOptimizer(torch.optim.Optimizer):
         state_dict = self._migrate(run_load_pre_hooks(self, state_dict))
         self._check_state_dict(state_dict)
         self._load_extra(state_dict)
-        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         # The pre-hooks ran above; the post-hooks run below, once the state is what it will be.
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        try:
+        with hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre
-            self._optimizer_load_state_dict_post_hooks = post
         self._keep_saved_dtypes(state_dict)
         self._after_load()
-        for hook in post.values():
-            hook(self)
+        run_load_post_hooks(self)
 
     def _keep_saved_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch's load casts every state tensor to its floating parameter's dtype: put back, without

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import run_load_pre_hooks
+from .optimizer import run_load_post_hooks, run_load_pre_hooks, run_state_dict_post_hooks
 
 __all__ = ["OptimizerWrapper"]
 
@@ -96,14 +96,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
         not come from this wrapper's last step: a closure-driven wrapper takes every gradient from its
         closure and would silently drop one accumulated outside it. The gradients the last step left
         (unchanged since) and all-zero gradients are fine."""
-        left = getattr(self, "_grads_left", {})
         outside = []
         for p in params:
             g = p.grad
-            if g is None:
-                continue
-            ref = left.get(id(p))
-            if ref is not None and ref[0]() is g and ref[1] == g._version:
+            if g is None or self._left_by_last_step(p):
                 continue
             if not g.is_sparse and not bool(g.any()):
                 continue
@@ -125,15 +121,14 @@ class OptimizerWrapper(torch.optim.Optimizer):
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         # deepcopy copies a leaf tensor's .grad: the copies of the gradients this wrapper's last step
         # left are the ones the copy's last step left.
-        left = getattr(self, "_grads_left", {})
-        new_left = {}
-        for p in self._params():
-            ref, q = left.get(id(p)), memo.get(id(p))
-            if ref is not None and p.grad is not None and ref[0]() is p.grad and ref[1] == p.grad._version \
-                    and q is not None and q.grad is not None:
-                new_left[id(q)] = (weakref.ref(q.grad), q.grad._version)
-        new._grads_left = new_left
+        copies = [memo.get(id(p)) for p in self._params() if self._left_by_last_step(p)]
+        new._note_grads_left([q for q in copies if q is not None])
         return new
+
+    def _left_by_last_step(self, p: torch.Tensor) -> bool:
+        """Whether ``p.grad`` is the gradient this wrapper's last step left, unchanged since."""
+        ref = getattr(self, "_grads_left", {}).get(id(p))
+        return ref is not None and p.grad is not None and ref[0]() is p.grad and ref[1] == p.grad._version
 
     def _note_grads_left(self, params: list[torch.Tensor]) -> None:
         self._grads_left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
@@ -173,11 +168,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
             pre_hook(self)
         sd = dict(self.optimizer.state_dict())
         sd[self._entry] = self._entry_value()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            out = post_hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
+        return run_state_dict_post_hooks(self, sd)
 
     def _migrate(self, state_dict: Any) -> Any:
         """danlu ≤ 0.1 saved ``{"wrapper": {...}, "inner": inner.state_dict()}``: move the wrapper's
@@ -281,5 +272,4 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 if k in entry.get("hyper", {}):
                     setattr(self, k, entry["hyper"][k])
         self._load_own(entry)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        run_load_post_hooks(self)
