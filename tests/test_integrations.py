@@ -98,23 +98,9 @@ def _trainer(pl, **kw):
     return pl.Trainer(**base)
 
 
-def _penalised_module(pl):
-    class Penalised(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = Regressor()
-
-        def training_step(self, batch, i):
-            return self.model(batch["x"], batch["labels"])["loss"]
-
-        def configure_optimizers(self):
-            return danlu.GradientPenalty(torch.optim.SGD(self.parameters(), lr=0.1), strength=1e-2)
-
-    return Penalised
-
-
-def test_lightning_automatic_optimization_with_step_on_update():
-    pl = _lightning()
+def _module(pl, configure):
+    """A LightningModule around :class:`Regressor` (automatic optimization) whose
+    ``configure_optimizers`` returns ``configure(module)``."""
 
     class Module(pl.LightningModule):
         def __init__(self):
@@ -125,11 +111,24 @@ def test_lightning_automatic_optimization_with_step_on_update():
             return self.model(batch["x"], batch["labels"])["loss"]
 
         def configure_optimizers(self):
-            opt = danlu.Lion(self.parameters(), lr=1e-3, accum_steps=2)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": danlu.StepOnUpdate(sched), "interval": "step"}}
+            return configure(self)
 
-    module = Module()
+    return Module
+
+
+def _penalised_module(pl):
+    return _module(pl, lambda m: danlu.GradientPenalty(torch.optim.SGD(m.parameters(), lr=0.1), strength=1e-2))
+
+
+def test_lightning_automatic_optimization_with_step_on_update():
+    pl = _lightning()
+
+    def configure(module):
+        opt = danlu.Lion(module.parameters(), lr=1e-3, accum_steps=2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": danlu.StepOnUpdate(sched), "interval": "step"}}
+
+    module = _module(pl, configure)()
     _trainer(pl).fit(module, _loader())
     opt = module.optimizers().optimizer
     assert opt.param_groups[0]["lr"] == 1e-3 * 0.5**3  # 6 micro-batches, 3 updates

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import danlu
+from test_battery import mlp_closure as closure_for  # zero_grad, forward, MSE, backward
 
 F64 = torch.float64
 
@@ -39,16 +40,6 @@ def mlp(seed: int = 0) -> nn.Module:
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(6, 5, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64)) for _ in range(n)]
-
-
-def closure_for(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def train(model, opt, data, kind="grad"):
