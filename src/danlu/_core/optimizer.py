@@ -388,6 +388,7 @@ class DanluOptimizer(torch.optim.Optimizer):
                 f"the optimizer {len(self.param_groups)}"
             )
         index: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+        others = self._foreign_hyperparameters()
         for i, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(mine["params"]) != len(saved["params"]):
                 raise ValueError(
@@ -400,7 +401,7 @@ class DanluOptimizer(torch.optim.Optimizer):
                     f"{me}.load_state_dict: param group {i} lacks hyperparameters {missing}; "
                     "the state dict was saved by a different optimizer"
                 )
-            foreign = sorted((set(saved) & self._foreign_hyperparameters()) - set(mine))
+            foreign = sorted((set(saved) & others) - set(mine))
             if tag is None and foreign:
                 raise ValueError(
                     f"{me}.load_state_dict: param group {i} has hyperparameters {foreign} of another optimizer "
