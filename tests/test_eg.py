@@ -346,7 +346,14 @@ def test_egd_kernel_traces_without_graph_breaks_and_equals_eager(kw):
     make = (lambda s: torch.randn(s, generator=gen, dtype=torch.float64)) if kw.get("signed") else (
         lambda s: torch.rand(s, generator=gen, dtype=torch.float64) + 0.1)
     params = [make(s) for s in [(6, 5), (5, 3), (3, 4, 5)]]
-    assert_bitwise(*eager_and_traced(lambda ps: EGD(ps, lr=0.1, **kw), params, gen))
+    eager, traced = eager_and_traced(lambda ps: EGD(ps, lr=0.1, **kw), params, gen)
+    if kw.get("signed"):
+        # Traced, the signed kernel computes 2sinh(x) as e^x − e^{−x} from one exp: equal to eager
+        # torch.sinh to a few float64 roundings of θ⁺ + θ⁻, not bitwise.
+        for x, y in zip(eager, traced):
+            torch.testing.assert_close(x, y, rtol=0, atol=2e-15)
+    else:
+        assert_bitwise(eager, traced)
 
 
 # ================================== EGStepSize ====================================================

@@ -92,7 +92,8 @@ def test_fused_equals_per_tensor_and_state_dicts_cross_paths(name):
                                         ("AdamW", "OneCycleLR")])
 def test_fused_step_does_not_recompile_under_schedulers(name, sched):
     """lr, betas/momentum (OneCycleLR cycles them) and weight decay reach the compiled bucket as 0-d
-    tensors the optimizer fills: one graph per bucket across 20 scheduled steps, Python floats included
+    tensors the optimizer fills: one graph per bucket (and one for AdamW's bias corrections) across 20
+    scheduled steps, Python floats included
     (ReduceLROnPlateau writes floats)."""
     torch._dynamo.reset()
     counters.clear()
@@ -114,7 +115,8 @@ def test_fused_step_does_not_recompile_under_schedulers(name, sched):
         lrs.add(opt.param_groups[0]["lr"])
         momenta.add(opt.param_groups[0]["momentum"] if name == "SGDM" else opt.param_groups[0]["betas"][0])
     assert len(lrs) > 3 and (sched != "OneCycleLR" or len(momenta) > 3)
-    assert counters["stats"]["unique_graphs"] == 1
+    # One graph per bucket, plus one for the bucket's step scalars where the kernel derives them.
+    assert counters["stats"]["unique_graphs"] == 1 + (type(opt)._derive is not None)
 
 
 def test_fused_bad_input_is_refused_before_anything_changes():
@@ -129,25 +131,29 @@ def test_fused_bad_input_is_refused_before_anything_changes():
     assert len(opt.param_groups) == 1
 
 
-def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
-    """No compiler (or an unsupported platform): the per-tensor path runs, with one warning."""
+def _failing_compile(*args):
+    raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler")
 
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler")
 
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+def _loop_and_fused_steps(name, steps=3):
+    """Per-tensor and fused ``name`` over ``steps`` steps; returns both, their parameters and the warnings."""
     loop_p, fused_p = _params(), _params()
-    loop, fused = FUSABLE["Lion"](loop_p), FUSABLE["Lion"](fused_p, fused=True)
+    loop, fused = FUSABLE[name](loop_p), FUSABLE[name](fused_p, fused=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for t in range(3):
+        for t in range(steps):
             for opt, ps in ((loop, loop_p), (fused, fused_p)):
                 for p, g in zip(ps, _grads(t)):
                     p.grad = g
                 opt.step()
+    return loop, loop_p, fused, fused_p, seen
+
+
+def test_failed_compilation_falls_back_with_one_warning(monkeypatch):
+    """No compiler (or an unsupported platform): the per-tensor path runs, with one warning."""
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: _failing_compile)
+    loop, loop_p, fused, fused_p, seen = _loop_and_fused_steps("Lion")
     msgs = [str(w.message) for w in seen if "fused=True" in str(w.message)]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
     for a, b in zip(loop_p, fused_p):
@@ -170,3 +176,40 @@ def test_fused_optimizer_deepcopies_and_pickles():
     clone[1].step()
     for a, b in zip(ps, clone[0]):
         assert torch.equal(a, b)
+
+
+def test_failed_bucket_compilation_after_the_scalars_ran_does_not_step_twice(monkeypatch):
+    """AdamW's bucket runs in two graphs (its step scalars, then the pass over the elements). If only
+    the second fails to compile, the counters have already moved: the per-tensor fallback finishes the
+    bucket with those scalars instead of incrementing the counters again."""
+
+    # The scalars' function runs eagerly (so the counters move); the bucket's fails to compile.
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: fn if fn.__name__.startswith("danlu_scalars") else _failing_compile)
+    loop, loop_p, fused, fused_p, _ = _loop_and_fused_steps("AdamW")
+    for a, b in zip(loop_p, fused_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [float(fused.state[p]["step"]) for p in fused_p if p.numel()] == [
+        float(loop.state[p]["step"]) for p in loop_p if p.numel()]
+
+
+@pytest.mark.parametrize("name", ["Lion", "Amos", "EGD"])
+def test_fused_step_propagates_nonfinite_gradients(name):
+    """A NaN or ±inf gradient entry shows as NaN in θ on the fused path as on the per-tensor one
+    (inductor simplifies g·0 to 0, so the propagation must not be written as g·0)."""
+    torch._dynamo.reset()
+    out = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.ones(8, 4))
+        opt = FUSABLE[name]([p], fused=fused)
+        g = torch.full((8, 4), 0.5)
+        g[0, 0], g[1, 1], g[2, 2] = float("inf"), float("nan"), -float("inf")
+        p.grad = g
+        opt.step()
+        out.append(p.detach().clone())
+    loop, fused = out
+    bad = torch.zeros(8, 4, dtype=torch.bool)
+    bad[0, 0] = bad[1, 1] = bad[2, 2] = True
+    assert torch.isnan(fused[bad]).all() and torch.isnan(loop[bad]).all()
+    # Elsewhere as the per-tensor path (Amos's per-row statistics spread the NaN over the row).
+    torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-7, equal_nan=True)

@@ -78,9 +78,13 @@ class AccumulatingOptimizer(DanluOptimizer):
         for this parameter, or ``None`` if it had none at that micro-step."""
         raise NotImplementedError
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                derived: dict[str, Any] | None = None) -> None:
         self._absorb(p, grad, state, group, True)
-        self._apply(p, grad, state, group)
+        if derived is None:
+            self._apply(p, grad, state, group)
+        else:  # the fused path computed this step's scalars (see DanluOptimizer._derive)
+            self._apply(p, grad, state, group, derived)  # type: ignore[call-arg]
 
     def _init_accum_state(self, state: dict[str, Any]) -> None:
         """Call from ``_init_state``: whether the parameter absorbed a gradient in the current window."""

@@ -14,6 +14,13 @@ writes Python floats (ReduceLROnPlateau, OneCycleLR's momentum), never recompile
 these as Python numbers (the per-tensor path) or 0-d tensors (this one) alike; they match to
 rounding (float64 tests).
 
+A kernel that computes scalars from its step counter (bias corrections, Adafactor's β̂_t and relative
+step, Amos's decays: the optimizer's ``_derive``) gets a second, small compiled function per bucket
+that increments the bucket's counters and computes those scalars; its outputs are passed to the
+single pass, which then reads them. In one graph, inductor would inline the scalar math into the
+element loop and redo it (float64 ``pow``, ``sqrt``) for every vector of elements: that doubled
+AdamW's step on CPU.
+
 Each bucket gets a function with a code object of its own, so dynamo's per-code cache holds one
 entry per bucket and buckets never evict each other. Where compilation fails (no compiler, an
 unsupported platform) the per-tensor path runs instead, with one warning; inside an outer
@@ -31,15 +38,20 @@ __all__ = ["FusedSteps"]
 
 
 def _apply_kernel(update: Callable[..., None], params: list[torch.Tensor], grads: list[torch.Tensor],
-                  states: list[dict[str, Any]], group: dict[str, Any]) -> None:
-    for p, g, st in zip(params, grads, states):
-        update(p, g, st, group)
+                  states: list[dict[str, Any]], group: dict[str, Any], derived: list[Any] | None) -> None:
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        update(p, g, st, group, None if derived is None else derived[i])
 
 
-def _fresh_function(name: str) -> Callable[..., None]:
-    """A copy of :func:`_apply_kernel` with its own code object (dynamo caches per code object)."""
-    code = _apply_kernel.__code__.replace(co_name=name)
-    return type(_apply_kernel)(code, _apply_kernel.__globals__, name)
+def _derive_all(derive: Callable[..., dict[str, Any]], params: list[torch.Tensor], states: list[dict[str, Any]],
+                group: dict[str, Any]) -> list[dict[str, Any]]:
+    return [derive(p, st, group) for p, st in zip(params, states)]
+
+
+def _fresh_function(name: str, template: Callable[..., Any] = _apply_kernel) -> Callable[..., Any]:
+    """A copy of ``template`` with its own code object (dynamo caches per code object)."""
+    code = template.__code__.replace(co_name=name)
+    return type(template)(code, template.__globals__, name)
 
 
 def _scalar_like(value: Any, device: torch.device) -> Any:
@@ -73,6 +85,7 @@ class FusedSteps:
 
     def __init__(self) -> None:
         self._functions: dict[Any, Callable[..., None]] = {}
+        self._derive_functions: dict[Any, Callable[..., list[dict[str, Any]]]] = {}
         self._scalars: dict[Any, Any] = {}
         self.disabled: str | None = None  # why the per-tensor path runs instead, once warned
 
@@ -109,9 +122,11 @@ class FusedSteps:
             dtypes = tuple(sorted((k, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)))
             buckets.setdefault((index[id(group)], p.device, p.dtype, dtypes), []).append(p)
         names = tuple(optimizer._step_scalars)
+        derive = optimizer._derive
         views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
         for key, params in buckets.items():
             group = optimizer.param_groups[key[0]]
+            derived = None
             if self.disabled is None and not compiling:
                 fn = self._functions.get(key)
                 if fn is None:
@@ -120,15 +135,26 @@ class FusedSteps:
                 view = views.get(key[:2])
                 if view is None:
                     view = views[key[:2]] = self._group_view(key[0], group, names, key[1])
+                states = [optimizer.state[p] for p in params]
                 try:
-                    fn(optimizer._update_stored, params, [p.grad for p in params],
-                       [optimizer.state[p] for p in params], view)
+                    if derive is not None:
+                        dfn = self._derive_functions.get(key)
+                        if dfn is None:
+                            dfn = self._derive_functions[key] = torch.compile(
+                                _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
+                                fullgraph=True)
+                        derived = dfn(derive, params, states, view)
+                    fn(optimizer._update_stored, params, [p.grad for p in params], states, view, derived)
                     continue
                 except Exception as err:
-                    # A failed compilation raises before the bucket is touched; anything else is real.
+                    # A failed compilation raises before its graph runs; anything else is real.
                     if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                         raise
                     self._disable(optimizer, f"torch.compile failed ({type(err).__name__}: {err})")
+                if derived is not None:  # the counters moved: finish the bucket with these scalars
+                    for p, st, d in zip(params, states, derived):
+                        optimizer._update_stored(p, p.grad, st, group, d)
+                    continue
             for p in params:
                 optimizer._update_stored(p, p.grad, optimizer.state[p], group)
 

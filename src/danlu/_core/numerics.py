@@ -98,7 +98,10 @@ def propagate_nonfinite_(update: torch.Tensor, source: torch.Tensor) -> torch.Te
     """Make ``update`` NaN wherever ``source`` is NaN or ±inf, in place.
 
     ``torch.sign`` maps NaN to 0 and ±inf to ±1, so a sign-based update would silently hide a
-    non-finite gradient while the momentum stays corrupted. ``source·0`` is 0 for finite entries and
-    NaN otherwise; adding it keeps finite entries bit-exact.
+    non-finite gradient while the momentum stays corrupted. ``source − source`` is 0 for finite
+    entries and NaN otherwise; adding it keeps finite entries bit-exact. Not ``source·0``: inductor
+    simplifies a product with 0 to 0, which drops the propagation from the compiled (fused) path;
+    nor a masked fill on ``isfinite``, which is 2–3× slower eagerly and, before an ``exp``, halved
+    the speed of the compiled EG step on CPU.
     """
-    return update.add_(source.mul(0))
+    return update.add_(source - source)

@@ -243,16 +243,33 @@ class DanluOptimizer(torch.optim.Optimizer):
             state["sr_seed"] = param_seed(gi, pos)
             state["sr_step"] = torch.zeros((), dtype=torch.int64)
 
-    def _update_stored(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    # Per-tensor scalars of one step. A kernel whose step computes scalars from its counter (bias
+    # corrections, Adafactor's β̂_t and relative step, Amos's decays) defines
+    # ``_derive(p, state, group) -> dict`` (it increments the counter and returns the 0-d values) and
+    # an ``_update(p, grad, state, group, derived=None)`` that calls it when ``derived`` is None. The
+    # per-tensor path never passes ``derived``; the fused path computes every tensor's scalars of a
+    # bucket in a small compiled graph of their own and passes them in, so the single pass over the
+    # bucket's elements reads them instead of recomputing them for every element.
+    _derive: Callable[..., dict[str, Any]] | None = None
+
+    def _call_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                     derived: dict[str, Any] | None) -> None:
+        if derived is None:
+            self._update(p, grad, state, group)
+        else:
+            self._update(p, grad, state, group, derived)  # type: ignore[call-arg]
+
+    def _update_stored(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                       derived: dict[str, Any] | None = None) -> None:
         """``_update`` with the state in ``state_dtype``: float32/float64 storage is used as is (the
         kernel's ops promote); bfloat16 storage is computed in float32 and rounded stochastically
         on store, keyed by (``sr_seed``, ``sr_step``, element offset)."""
         dtype = group.get("state_dtype")
         if dtype is None:
-            self._update(p, grad, state, group)
+            self._call_update(p, grad, state, group, derived)
             return
         if dtype != torch.bfloat16:
-            self._update(p, grad, state, group)
+            self._call_update(p, grad, state, group, derived)
             for k in self._low_precision_state & set(state):  # created mid-run in the parameter's dtype
                 if state[k].dtype != dtype:
                     state[k] = state[k].to(dtype)
@@ -263,7 +280,7 @@ class DanluOptimizer(torch.optim.Optimizer):
             self._init_stored(p, group, state)
         low = self._low_precision_state
         work = {k: (v.float() if k in low and isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-        self._update(p, grad, work, group)
+        self._call_update(p, grad, work, group, derived)
         state["sr_step"].add_(1)
         for k in low & set(work):
             rounded = stochastic_round_to_bf16(work[k], state["sr_seed"], state["sr_step"])

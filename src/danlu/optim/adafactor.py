@@ -10,7 +10,19 @@ from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, rms
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_bool, check_lr, check_number, check_optional
 
-__all__ = ["Adafactor", "adafactor_update"]
+__all__ = ["Adafactor", "adafactor_update", "adafactor_scalars"]
+
+
+def adafactor_scalars(step: torch.Tensor, *, lr: float | torch.Tensor, relative_step: bool,
+                      decay_rate: float) -> dict[str, torch.Tensor]:
+    """Increment the 0-d counter ``step`` and return this step's scalars (0-d float64): 1 − β̂_t = t^(−c),
+    β̂_t, and ρ_t = min(lr, 1/√t) (relative) or lr."""
+    step.add_(1)
+    t = step.to(torch.float64)
+    one_minus_beta2 = t.pow(-decay_rate)  # 1 − β̂_t, exactly 1 at t = 1
+    lr64 = torch.as_tensor(lr, dtype=torch.float64)
+    rho = torch.minimum(t.rsqrt(), lr64) if relative_step else lr64
+    return {"one_minus_beta2": one_minus_beta2, "beta2_hat": 1.0 - one_minus_beta2, "rho": rho}
 
 
 def adafactor_update(
@@ -28,19 +40,19 @@ def adafactor_update(
     weight_decay: float,
     scale_parameter: bool,
     dims: tuple[int, int] | None,
+    scalars: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """One Adafactor step for one tensor, in place; ``state["step"]`` (the 0-d counter) is incremented here.
+    """One Adafactor step for one tensor, in place; ``state["step"]`` (the 0-d counter) is incremented
+    here, unless this step's ``scalars`` (:func:`adafactor_scalars`) are given.
 
     β̂_t = 1 − t^(−c);  G2 = g² + ε1;  factored: R ← β̂R + (1−β̂)·mean_{d0}G2, C ← β̂C + (1−β̂)·mean_{d1}G2,
     V̂ = R·C/mean(R);  unfactored: V̂ ← β̂V̂ + (1−β̂)G2;  U = g/√V̂;  Û = U/max(1, RMS(U)/d);
     [m ← β1·m + (1−β1)·Û];  ρ_t = min(lr, 1/√t) (relative) or lr;  α_t = ρ_t·max(ε2, RMS(θ)) (or ρ_t);
     θ ← θ·(1 − ρ_t·λ) − α_t·Û (or m).
     """
-    step = state["step"]
-    step.add_(1)
-    t = step.to(torch.float64)
-    one_minus_beta2 = t.pow(-decay_rate)  # 1 − β̂_t, exactly 1 at t = 1
-    beta2_hat = 1.0 - one_minus_beta2
+    if scalars is None:
+        scalars = adafactor_scalars(state["step"], lr=lr, relative_step=relative_step, decay_rate=decay_rate)
+    one_minus_beta2, beta2_hat, rho = scalars["one_minus_beta2"], scalars["beta2_hat"], scalars["rho"]
     g2 = grad.square().add_(eps1)
     if dims is not None:
         d0, d1 = dims
@@ -57,8 +69,6 @@ def adafactor_update(
         exp_avg = state["exp_avg"]
         add_scaled_(exp_avg.mul_(beta1), update, 1.0 - beta1)
         update = exp_avg
-    lr64 = torch.as_tensor(lr, dtype=torch.float64)
-    rho = torch.minimum(t.rsqrt(), lr64) if relative_step else lr64
     alpha = rho * torch.clamp(rms(param), min=eps2) if scale_parameter else rho
     if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - rho * weight_decay)
@@ -218,7 +228,12 @@ class Adafactor(DanluOptimizer):
             converted.append(g)
         return {**state_dict, "param_groups": converted}
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _derive(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        return adafactor_scalars(state["step"], lr=group["lr"], relative_step=group["relative_step"],
+                                 decay_rate=group["decay_rate"])
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                derived: dict[str, Any] | None = None) -> None:
         eps1, eps2 = group["eps"]
         if group["beta1"] is not None and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # switched on mid-run
@@ -236,4 +251,5 @@ class Adafactor(DanluOptimizer):
             weight_decay=group["weight_decay"],
             scale_parameter=group["scale_parameter"],
             dims=factored_dims(p.shape, group["min_dim_size_to_factor"]),
+            scalars=derived,
         )

@@ -104,14 +104,18 @@ class AdamW(AccumulatingOptimizer):
         add_scaled_(m, grad, (1.0 - beta1) / k)
         addcmul_scaled_(v, grad, grad, (1.0 - beta2) / k)
 
-    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+    def _derive(self, p, state, group):  # type: ignore[no-untyped-def]
+        """Increment the counter; the step size lr/(1 − β1^t) and √(1 − β2^t) (0-d float64)."""
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
         step = state["step"]
         step.add_(1)
         t = step.to(torch.float64)
-        bias_correction1 = 1.0 - torch.pow(beta1, t)
-        bias_correction2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
-        decoupled_decay_(p, lr, group["weight_decay"])
-        denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        p.sub_(state["exp_avg"].div(denom).mul_(lr / bias_correction1))
+        return {"step_size": group["lr"] / (1.0 - torch.pow(beta1, t)),
+                "bias_correction2_sqrt": (1.0 - torch.pow(beta2, t)).sqrt()}
+
+    def _apply(self, p, grad, state, group, derived=None) -> None:  # type: ignore[no-untyped-def]
+        if derived is None:
+            derived = self._derive(p, state, group)
+        decoupled_decay_(p, group["lr"], group["weight_decay"])
+        denom = (state["exp_avg_sq"].sqrt() / derived["bias_correction2_sqrt"]).add_(group["eps"])
+        p.sub_(state["exp_avg"].div(denom).mul_(derived["step_size"]))

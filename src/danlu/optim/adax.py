@@ -36,13 +36,16 @@ def adax_update(
     beta2: float,
     eps: float,
     weight_decay: float,
+    beta_hat: torch.Tensor | None = None,
 ) -> None:
-    """One AdaX-W step for one tensor, in place. ``step`` (the 0-d counter) is incremented here.
+    """One AdaX-W step for one tensor, in place. ``step`` (the 0-d counter) is incremented here,
+    unless this step's ``beta_hat`` is given (computed, and the counter incremented, by the caller).
 
     m ← β1·m + (1−β1)·g;  v̂ ← β̂_t·v̂ + (1−β̂_t)·g²;  θ ← θ·(1−η·λ) − η·m/(√v̂ + ε)
     """
-    step.add_(1)
-    beta_hat = adax_beta_hat(step, beta2)
+    if beta_hat is None:
+        step.add_(1)
+        beta_hat = adax_beta_hat(step, beta2)
     add_scaled_(exp_avg.mul_(beta1), grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta_hat).add_(grad.square().mul_(1.0 - beta_hat))
     decoupled_decay_(param, lr, weight_decay)
@@ -133,8 +136,16 @@ class AdaX(DanluOptimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         init_moments(p, state)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _derive(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """Increment the counter; this step's β̂_t."""
+        state["step"].add_(1)
+        return {"beta_hat": adax_beta_hat(state["step"], group["betas"][1])}
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                derived: dict[str, Any] | None = None) -> None:
         beta1, beta2 = group["betas"]
+        if derived is None:
+            derived = self._derive(p, state, group)
         adax_update(
             p,
             grad,
@@ -146,4 +157,5 @@ class AdaX(DanluOptimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            beta_hat=derived["beta_hat"],
         )

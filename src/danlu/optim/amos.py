@@ -13,7 +13,7 @@ from .._core.numerics import add_scaled_, propagate_nonfinite_, scalar_sqrt
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_lr, check_number, check_optional
 
-__all__ = ["Amos", "amos_update", "amos_groups", "amos_layout"]
+__all__ = ["Amos", "amos_update", "amos_scalars", "amos_groups", "amos_layout"]
 
 
 def amos_layout(p: torch.Tensor, eta: float | None, reduce_dims: Sequence[int] | None) -> tuple[float, tuple[int, ...]]:
@@ -32,6 +32,18 @@ def amos_layout(p: torch.Tensor, eta: float | None, reduce_dims: Sequence[int] |
     return float(eta), dims
 
 
+def amos_scalars(step: torch.Tensor, *, lr: float | torch.Tensor, eta: float, beta: float, c_coef: float,
+                 d_coef: float) -> dict[str, Any]:
+    """Increment the 0-d counter ``step`` and return this step's scalars: the bias correction 1 − β^t
+    (0-d float64), ξ², c·√ξ, d·√(ξη̃) and the initial lr ξη̃ (numbers, or 0-d tensors for a tensor ξ)."""
+    step.add_(1)
+    xi = lr
+    init_lr = xi * eta
+    return {"bias_correction": 1.0 - torch.pow(beta, step.to(torch.float64)), "xi_sq": xi * xi,
+            "c_sqrt_xi": c_coef * scalar_sqrt(xi), "d_sqrt_init_lr": d_coef * scalar_sqrt(init_lr),
+            "init_lr": init_lr}
+
+
 def amos_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -47,15 +59,18 @@ def amos_update(
     d_coef: float,
     extra_l2: float,
     eps: float,
+    scalars: dict[str, Any] | None = None,
 ) -> None:
-    """One Amos step for one tensor, in place (google-research/jestimator semantics).
+    """One Amos step for one tensor, in place (google-research/jestimator semantics). The 0-d counter
+    ``state["step"]`` is incremented here, unless this step's ``scalars`` (:func:`amos_scalars`) are given.
 
     ĝ² = mean of g² over ``reduce_dims``;  v ← β·v + (1−β)·ĝ²;  r = (1−β^t)/max(v, ε);
     γ = ξ²·r·ĝ² / √(1 + c·√ξ·b);  Δ = −(ξη̃·√r·g + (γ/2 + l2)·θ) / (1 + d·√(ξη̃)·b);
     b ← b + γ·(1 + b);  [m ← μ·m + (1−μ)·Δ; Δ = m];  θ ← θ + Δ
     """
-    step, v, b = state["step"], state["v"], state["b"]
-    step.add_(1)
+    v, b = state["v"], state["b"]
+    if scalars is None:
+        scalars = amos_scalars(state["step"], lr=lr, eta=eta, beta=beta, c_coef=c_coef, d_coef=d_coef)
     if clip_value is not None:
         # clamp maps ±inf to ±clip_value; keep a non-finite gradient visible (NaN) instead.
         grad = propagate_nonfinite_(grad.clamp(-clip_value, clip_value), grad)
@@ -64,12 +79,10 @@ def amos_update(
         g2 = g2.mean(dim=reduce_dims, keepdim=True)
     v.mul_(beta).add_(g2, alpha=1.0 - beta)
     # ε = 2^-125 is below float16's range; floor it at the dtype's smallest normal.
-    r = (1.0 - torch.pow(beta, step.to(torch.float64))) / v.clamp(min=max(eps, torch.finfo(v.dtype).tiny))
-    xi = lr
-    init_lr = xi * eta
-    gamma = r.mul(g2).mul_(xi * xi).div_(b.mul(c_coef * scalar_sqrt(xi)).add_(1.0).sqrt_())
-    dfac = b.mul(d_coef * scalar_sqrt(init_lr)).add_(1.0).reciprocal_()
-    delta = torch.mul(grad, r.sqrt_().mul_(init_lr))
+    r = scalars["bias_correction"] / v.clamp(min=max(eps, torch.finfo(v.dtype).tiny))
+    gamma = r.mul(g2).mul_(scalars["xi_sq"]).div_(b.mul(scalars["c_sqrt_xi"]).add_(1.0).sqrt_())
+    dfac = b.mul(scalars["d_sqrt_init_lr"]).add_(1.0).reciprocal_()
+    delta = torch.mul(grad, r.sqrt_().mul_(scalars["init_lr"]))
     delta.addcmul_(param, gamma.mul(0.5).add_(extra_l2)).mul_(dfac).neg_()
     b.add_(gamma * (1.0 + b))
     if momentum is not None:
@@ -210,7 +223,13 @@ class Amos(DanluOptimizer):
         if group["momentum"] is not None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _derive(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        eta, _ = amos_layout(p, group.get("eta"), group.get("reduce_dims"))
+        return amos_scalars(state["step"], lr=group["lr"], eta=eta, beta=group["beta"], c_coef=group["c_coef"],
+                            d_coef=group["d_coef"])
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                derived: dict[str, Any] | None = None) -> None:
         eta, dims = amos_layout(p, group.get("eta"), group.get("reduce_dims"))
         if group["momentum"] is not None and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # switched on mid-run
@@ -228,6 +247,7 @@ class Amos(DanluOptimizer):
             d_coef=group["d_coef"],
             extra_l2=group["extra_l2"],
             eps=group["eps"],
+            scalars=derived,
         )
 
 
