@@ -25,8 +25,9 @@ FUSABLE = {
     "Amos": lambda ps, **kw: danlu.Amos(ps, lr=0.1, momentum=0.9, clip_value=1.0, extra_l2=1e-3, **kw),
     "EGD": lambda ps, **kw: danlu.EGD(ps, lr=0.1, signed=True, **kw),
 }
+# (32, 6): a leading dim that divides by 16, which the compiled reductions sum in blocks (sum_along).
 SHAPES = [((6, 5), torch.float64), ((5,), torch.float64), ((0, 3), torch.float64), ((3, 4, 5), torch.float64),
-          ((4, 4), torch.float32)]
+          ((32, 6), torch.float64), ((4, 4), torch.float32)]
 
 
 def _params():

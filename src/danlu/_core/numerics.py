@@ -22,6 +22,7 @@ __all__ = [
     "factored_rsqrt",
     "acc_dtype",
     "propagate_nonfinite_",
+    "sum_along",
 ]
 
 
@@ -53,6 +54,22 @@ def decoupled_decay_(param: torch.Tensor, lr: float | torch.Tensor, weight_decay
     """AdamW-style decay on the pre-update parameter, multiplied by the lr: θ ← θ·(1 − lr·λ)."""
     if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - lr * weight_decay)
+
+
+_BLOCK = 16
+
+
+def sum_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim, keepdim=True)``. Under ``torch.compile``, a sum along a dim that is not the last
+    (a strided one) and whose size divides by 16 is taken over blocks of 16 first: inductor's CPU
+    loop over an outer dim walks memory one column strip at a time, twice as slow as the blocked form,
+    which reads each block of 16 rows while it is in cache. Same sum, another order of additions."""
+    dim = dim % max(x.dim(), 1)
+    n = x.shape[dim] if x.dim() else 1
+    if not torch.compiler.is_compiling() or dim == x.dim() - 1 or n % _BLOCK or n == _BLOCK:
+        return x.sum(dim=dim, keepdim=True)
+    blocked = x.reshape(*x.shape[:dim], n // _BLOCK, _BLOCK, *x.shape[dim + 1:])
+    return blocked.sum(dim=dim + 1).sum(dim=dim, keepdim=True)
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, rms
+from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, rms, sum_along
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_bool, check_lr, check_number, check_optional
 
@@ -23,6 +23,11 @@ def adafactor_scalars(step: torch.Tensor, *, lr: float | torch.Tensor, relative_
     lr64 = torch.as_tensor(lr, dtype=torch.float64)
     rho = torch.minimum(t.rsqrt(), lr64) if relative_step else lr64
     return {"one_minus_beta2": one_minus_beta2, "beta2_hat": 1.0 - one_minus_beta2, "rho": rho}
+
+
+def _mean_along(x: torch.Tensor, dim: int, compiled: bool) -> torch.Tensor:
+    """``x.mean(dim, keepdim=True)``; compiled, as :func:`sum_along` (blocked along a strided dim) over n."""
+    return sum_along(x, dim).div_(x.shape[dim]) if compiled else x.mean(dim=dim, keepdim=True)
 
 
 def adafactor_update(
@@ -53,23 +58,35 @@ def adafactor_update(
     if scalars is None:
         scalars = adafactor_scalars(state["step"], lr=lr, relative_step=relative_step, decay_rate=decay_rate)
     one_minus_beta2, beta2_hat, rho = scalars["one_minus_beta2"], scalars["beta2_hat"], scalars["rho"]
+    compiled = dims is not None and torch.compiler.is_compiling()
+    ms = None
     g2 = grad.square().add_(eps1)
     if dims is not None:
         d0, d1 = dims
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2_hat).add_(g2.mean(dim=d0, keepdim=True).mul_(one_minus_beta2))
-        col.mul_(beta2_hat).add_(g2.mean(dim=d1, keepdim=True).mul_(one_minus_beta2))
+        row.mul_(beta2_hat).add_(_mean_along(g2, d0, compiled).mul_(one_minus_beta2))
+        col.mul_(beta2_hat).add_(_mean_along(g2, d1, compiled).mul_(one_minus_beta2))
         update = factored_rsqrt(row, col, d1).mul_(grad)
+        if compiled:
+            # RMS(U)² = mean(g²/V̂) with 1/V̂ = mean_{d1}(R)/(R·C): a sum along d1 (the reduction that
+            # made C) of g²/R, then over C's entries. Inductor folds it into the pass that reduces g
+            # along d1 instead of reading U once more; eagerly the direct RMS(U) is the cheaper one.
+            row_mean = row.mean(dim=d1, keepdim=True)
+            ms = sum_along(grad.square().div_(row), d1).mul_(row_mean).div_(col).sum() / max(grad.numel(), 1)
     else:
         v = state["exp_avg_sq"]
         v.mul_(beta2_hat).add_(g2.mul_(one_minus_beta2))
         update = v.rsqrt().mul_(grad)
-    update.div_(torch.clamp(rms(update) / clip_threshold, min=1.0))
+    update_rms = rms(update) if ms is None else ms.sqrt()
+    update.div_(torch.clamp(update_rms / clip_threshold, min=1.0))
     if beta1 is not None:
         exp_avg = state["exp_avg"]
         add_scaled_(exp_avg.mul_(beta1), update, 1.0 - beta1)
         update = exp_avg
-    alpha = rho * torch.clamp(rms(param), min=eps2) if scale_parameter else rho
+    if scale_parameter:
+        # Compiled, along d1 as the statistics above, so that θ is read in the same pass as g.
+        p_rms = (sum_along(param.square(), dims[1]).sum() / max(param.numel(), 1)).sqrt() if compiled else rms(param)
+    alpha = rho * torch.clamp(p_rms, min=eps2) if scale_parameter else rho
     if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - rho * weight_decay)
     param.sub_(update * alpha)
