@@ -16,9 +16,19 @@ def test_speed_json_schema(capsys):
     out = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in out["results"]]
     assert names[0] == "torch-adamw-fused" and set(names[1:]) == {"lion", "amos", "adafactor"}
+    assert out["stream_bandwidth_bytes_per_s"] > 1e8
     for r in out["results"]:
-        assert set(r) == {"name", "median_ms", "ratio_to_fused_adamw", "state_bytes_per_param", "first_step_s"}
+        assert set(r) == {"name", "median_ms", "ratio_to_fused_adamw", "state_bytes_per_param", "first_step_s",
+                          "path", "bytes_per_param", "ideal_ms", "fraction_of_limit"}
         assert r["median_ms"] > 0 and r["ratio_to_fused_adamw"] > 0 and r["first_step_s"] > 0
+        assert r["ideal_ms"] > 0 and r["fraction_of_limit"] == pytest.approx(r["ideal_ms"] / r["median_ms"])
+    paths = {r["name"]: r["path"] for r in out["results"]}
+    assert paths == {"torch-adamw-fused": "fused", "lion": "loop", "amos": "loop", "adafactor": "loop"}
+    step_bytes = {r["name"]: r["bytes_per_param"] for r in out["results"]}
+    # θ read and written, g read, state read and written; Adafactor reads g twice more, Amos once.
+    assert step_bytes["torch-adamw-fused"] == pytest.approx(28.0, rel=1e-3)
+    assert step_bytes["lion"] == pytest.approx(20.0)
+    assert 20.0 <= step_bytes["adafactor"] < 21.0 and 16.0 <= step_bytes["amos"] < 16.5
     bpp = {r["name"]: r["state_bytes_per_param"] for r in out["results"]}
     assert bpp["torch-adamw-fused"] == pytest.approx(8.0, rel=1e-3)  # exp_avg + exp_avg_sq in fp32 (+ steps)
     assert bpp["lion"] == pytest.approx(4.0)

@@ -21,7 +21,8 @@ import torch
 from .. import __version__
 from .experiments import EXPERIMENT_NAMES
 from .tasks import TASKS
-from .speed import baselines, default_names, format_table, results_json, run_speed, transformer_shapes
+from .speed import (baselines, default_names, format_table, results_json, run_speed, stream_bandwidth,
+                    transformer_shapes)
 
 __all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS", "AUTO_EXTENSIONS"]
 
@@ -117,15 +118,17 @@ def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"device {args.device!r} is not available")
     if "torch-adamw-fused" not in names and "torch-adamw-fused" in baselines():
         names = ["torch-adamw-fused"] + names  # the reference every ratio is measured against
+    bandwidth = stream_bandwidth(args.device)
     results = run_speed(names, n_params=args.params, dtype=_DTYPES[args.dtype], device=args.device,
-                        repeats=args.repeats)
+                        repeats=args.repeats, bandwidth=bandwidth)
     n = sum(torch.Size(s).numel() for s in transformer_shapes(args.params))
     header = (f"danlu {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
               f"{args.device}, {args.dtype}, {n / 1e6:.1f}M parameters, {args.repeats} interleaved rounds")
     if args.json:
-        print(json.dumps({"environment": header, "results": results_json(results)}, indent=2))
+        print(json.dumps({"environment": header, "stream_bandwidth_bytes_per_s": bandwidth,
+                          "results": results_json(results)}, indent=2))
     else:
-        print(format_table(results, int(args.params), header))
+        print(format_table(results, int(args.params), header, bandwidth))
     return 0
 
 

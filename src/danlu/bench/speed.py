@@ -7,6 +7,14 @@ to torch's fused AdamW measured in the same run. State bytes per parameter count
 the optimizer's state (a wrapper's and its inner optimizer's), after the first step. ``<name>-fused``
 is the optimizer with ``fused=True`` (one compiled pass per bucket); its first step, reported
 separately, includes the compilation.
+
+The limit: a step is memory-bound, so the least time it can take is the bytes it must move over the
+machine's streaming bandwidth. ``bytes_per_param`` counts, per parameter, θ read and written, the
+gradient read, every state tensor read and written (the measured state bytes per parameter, twice),
+and the extra reads of the gradient the algorithm needs before it can update (Adafactor's factored
+statistics and its update clip: two; Amos's statistics: one). The bandwidth is measured in the same run
+(:func:`stream_bandwidth`: the best of several in-place ``b += c`` passes over buffers far larger than
+the cache), and ``ideal_ms`` is that byte count over it; ``fraction_of_limit`` = ideal_ms / median_ms.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import torch
 
 from ..registry import create_optimizer
 
-__all__ = ["SpeedResult", "transformer_shapes", "baselines", "default_names", "run_speed", "format_table", "results_json"]
+__all__ = ["SpeedResult", "stream_bandwidth", "bytes_per_param", "transformer_shapes", "baselines", "default_names",
+           "run_speed", "format_table", "results_json"]
 
 # Closure-driven optimizers (several forward passes per step) have no comparable "step" on fixed
 # gradients; `danlu compare` measures them on real tasks instead.
@@ -35,6 +44,47 @@ class SpeedResult:
     ratio_to_fused_adamw: float | None
     state_bytes_per_param: float
     first_step_s: float  # the first step's time: the compilation on a fused path, state creation elsewhere
+    path: str  # "loop" (per tensor), "fused" (compiled per bucket), "foreach" (torch), "peer" (another library)
+    bytes_per_param: float  # what one step must move per parameter (see the module doc)
+    ideal_ms: float  # bytes_per_param · n / the measured streaming bandwidth
+    fraction_of_limit: float  # ideal_ms / median_ms
+
+
+# Extra passes over the gradient an algorithm needs before its update pass, per base name.
+_EXTRA_GRAD_PASSES = {"adafactor": 2, "torch-adafactor": 2, "amos": 1, "pytorch-optimizer-amos": 1}
+
+
+def bytes_per_param(name: str, elt: int, state_bytes_per_param: float) -> float:
+    """Bytes one step of ``name`` must move per parameter (θ read and written, g read, state read and
+    written, extra reads of g), for parameters and gradients of ``elt`` bytes."""
+    base = name[: -len(_FUSED)] if name.endswith(_FUSED) else name
+    return 3 * elt + 2 * state_bytes_per_param + _EXTRA_GRAD_PASSES.get(base, 0) * elt
+
+
+def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int = 7) -> float:
+    """The machine's streaming bandwidth in bytes/s: the best of ``repeats`` in-place passes ``b += c``
+    over float32 buffers of ``n_bytes`` each (three streams: b read and written, c read). In place, as
+    an optimizer step updates θ and its state, so no write-allocate traffic is counted as bandwidth."""
+    n = n_bytes // 4
+    b = torch.zeros(n, device=device)
+    c = torch.zeros(n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        b.add_(c)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 3 * n * 4 / best
+
+
+def _path(name: str) -> str:
+    if name.endswith(_FUSED):
+        return "fused"
+    if name.startswith("torch-"):
+        return name.rsplit("-", 1)[-1] if name.startswith("torch-adamw") else "foreach"
+    return "peer" if name in baselines() else "loop"
 
 
 def transformer_shapes(n_params: float = 30e6) -> list[tuple[int, ...]]:
@@ -106,6 +156,7 @@ def run_speed(
     device: str = "cpu",
     repeats: int = 10,
     warmup: int = 2,
+    bandwidth: float | None = None,
 ) -> list[SpeedResult]:
     """Time ``names`` (danlu registry names or :func:`baselines` names) interleaved; see module doc."""
     known = baselines()
@@ -127,6 +178,8 @@ def run_speed(
         else:
             opts[name] = create_optimizer(name, params, **_DANLU_KWARGS.get(name, {}))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if bandwidth is None:
+        bandwidth = stream_bandwidth(device)
     times: dict[str, list[float]] = {name: [] for name in opts}
     first: dict[str, float] = {}
     with torch.no_grad():
@@ -141,16 +194,25 @@ def run_speed(
                 elif r == 0:
                     first[name] = time.perf_counter() - t0
     ref = statistics.median(times["torch-adamw-fused"]) if "torch-adamw-fused" in times else None
-    return [
-        SpeedResult(
+    elt = base[0].element_size()
+    out = []
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        state_bpp = _state_bytes(opts[name]) / n
+        bpp = bytes_per_param(name, elt, state_bpp)
+        ideal = bpp * n / bandwidth
+        out.append(SpeedResult(
             name=name,
-            median_ms=1e3 * statistics.median(ts),
-            ratio_to_fused_adamw=None if ref is None else statistics.median(ts) / ref,
-            state_bytes_per_param=_state_bytes(opts[name]) / n,
+            median_ms=1e3 * median,
+            ratio_to_fused_adamw=None if ref is None else median / ref,
+            state_bytes_per_param=state_bpp,
             first_step_s=first.get(name, float("nan")),
-        )
-        for name, ts in times.items()
-    ]
+            path=_path(name),
+            bytes_per_param=bpp,
+            ideal_ms=1e3 * ideal,
+            fraction_of_limit=ideal / median,
+        ))
+    return out
 
 
 _FUSED = "-fused"
@@ -166,12 +228,16 @@ def default_names() -> list[str]:
     return list(baselines()) + names + fused
 
 
-def format_table(results: list[SpeedResult], n_params: int, header: str) -> str:
-    lines = [header, f"{'optimizer':<26}{'median ms':>11}{'× fused AdamW':>15}{'state B/param':>15}"
-                     f"{'first step s':>14}"]
+def format_table(results: list[SpeedResult], n_params: int, header: str, bandwidth: float | None = None) -> str:
+    """The results as a table, fastest first; the last column is the step's fraction of the limit."""
+    if bandwidth is not None:
+        header += f"; streaming bandwidth {bandwidth / 1e9:.1f} GB/s"
+    lines = [header, f"{'optimizer':<26}{'path':>8}{'median ms':>11}{'× fused AdamW':>15}{'state B/param':>15}"
+                     f"{'step B/param':>14}{'ideal ms':>10}{'of limit':>10}{'first step s':>14}"]
     for r in sorted(results, key=lambda r: r.median_ms):
         ratio = "—" if r.ratio_to_fused_adamw is None else f"{r.ratio_to_fused_adamw:.2f}"
-        lines.append(f"{r.name:<26}{r.median_ms:>11.2f}{ratio:>15}{r.state_bytes_per_param:>15.2f}"
+        lines.append(f"{r.name:<26}{r.path:>8}{r.median_ms:>11.2f}{ratio:>15}{r.state_bytes_per_param:>15.2f}"
+                     f"{r.bytes_per_param:>14.1f}{r.ideal_ms:>10.2f}{r.fraction_of_limit:>10.2f}"
                      f"{r.first_step_s:>14.2f}")
     return "\n".join(lines)
 
