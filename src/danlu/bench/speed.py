@@ -82,9 +82,11 @@ def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int
 def _path(name: str) -> str:
     if name.endswith(_FUSED):
         return "fused"
-    if name.startswith("torch-"):
-        return name.rsplit("-", 1)[-1] if name.startswith("torch-adamw") else "foreach"
-    return "peer" if name in baselines() else "loop"
+    if name.startswith("torch-adamw-"):
+        return name.rsplit("-", 1)[-1]  # fused, foreach, forloop
+    if name in baselines():
+        return "loop" if name.startswith("torch-") else "peer"  # torch's own default on CPU: the for-loop
+    return "loop"
 
 
 def transformer_shapes(n_params: float = 30e6) -> list[tuple[int, ...]]:
