@@ -126,6 +126,11 @@ def test_fused_bad_input_is_refused_before_anything_changes():
         danlu.Lion([p], fused=1)
     with pytest.raises(ValueError, match=r"^Invalid fused: True \(expected False with accum_steps=2"):
         danlu.SGDM([p], accum_steps=2, fused=True)
+    with pytest.raises(ValueError, match=r"^Invalid fused: True \(expected False for parameters with layout "
+                                         r"torch.sparse_coo"):
+        danlu.AdamW([p, torch.nn.Parameter(torch.randn(3).to_sparse())], fused=True)
+    with pytest.raises(TypeError, match="does not support complex parameters"):
+        danlu.Amos([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], fused=True)
     opt = danlu.Tiger([p])
     with pytest.raises(TypeError, match="Invalid fused"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "fused": "yes"})

@@ -308,6 +308,10 @@ class DanluOptimizer(torch.optim.Optimizer):
         fused = group.get("fused", False)
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r} (expected a bool)")
+        if fused and any(p.layout != torch.strided for p in params):
+            layout = next(p.layout for p in params if p.layout != torch.strided)
+            raise ValueError(f"Invalid fused: True (expected False for parameters with layout {layout}: the fused "
+                             "path compiles dense (strided) tensors only)")
         if fused and group.get("state_dtype") == torch.bfloat16:
             # In a trial inductor took 217 s to build Lion's rounded bucket for 1.9M parameters and
             # the step ran at 2.7× torch's fused AdamW: not a usable path yet.
