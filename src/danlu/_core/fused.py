@@ -126,6 +126,7 @@ class FusedSteps:
         views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
         for key, params in buckets.items():
             group = optimizer.param_groups[key[0]]
+            states = [optimizer.state[p] for p in params]
             derived = None
             if self.disabled is None and not compiling:
                 fn = self._functions.get(key)
@@ -135,7 +136,6 @@ class FusedSteps:
                 view = views.get(key[:2])
                 if view is None:
                     view = views[key[:2]] = self._group_view(key[0], group, names, key[1])
-                states = [optimizer.state[p] for p in params]
                 try:
                     if derive is not None:
                         dfn = self._derive_functions.get(key)
@@ -151,12 +151,8 @@ class FusedSteps:
                     if not type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                         raise
                     self._disable(optimizer, f"torch.compile failed ({type(err).__name__}: {err})")
-                if derived is not None:  # the counters moved: finish the bucket with these scalars
-                    for p, st, d in zip(params, states, derived):
-                        optimizer._update_stored(p, p.grad, st, group, d)
-                    continue
-            for p in params:
-                optimizer._update_stored(p, p.grad, optimizer.state[p], group)
+            # The per-tensor path; if the scalars' graph already ran (the counters moved), with its scalars.
+            _apply_kernel(optimizer._update_stored, params, [p.grad for p in params], states, group, derived)
 
     def _disable(self, optimizer: Any, why: str) -> None:
         self.disabled = why

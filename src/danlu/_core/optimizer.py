@@ -308,8 +308,8 @@ class DanluOptimizer(torch.optim.Optimizer):
         fused = group.get("fused", False)
         if not isinstance(fused, bool):
             raise TypeError(f"Invalid fused: {fused!r} (expected a bool)")
-        if fused and any(p.layout != torch.strided for p in params):
-            layout = next(p.layout for p in params if p.layout != torch.strided)
+        layout = next((p.layout for p in params if p.layout != torch.strided), None)
+        if fused and layout is not None:
             raise ValueError(f"Invalid fused: True (expected False for parameters with layout {layout}: the fused "
                              "path compiles dense (strided) tensors only)")
         if fused and group.get("state_dtype") == torch.bfloat16:

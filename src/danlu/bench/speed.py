@@ -61,6 +61,11 @@ def bytes_per_param(name: str, elt: int, state_bytes_per_param: float) -> float:
     return 3 * elt + 2 * state_bytes_per_param + _EXTRA_GRAD_PASSES.get(base, 0) * elt
 
 
+def _synchronizer(device: str) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read (nothing on CPU)."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int = 7) -> float:
     """The machine's streaming bandwidth in bytes/s: the best of ``repeats`` in-place passes ``b += c``
     over float32 buffers of ``n_bytes`` each (three streams: b read and written, c read). In place, as
@@ -68,7 +73,7 @@ def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int
     n = n_bytes // 4
     b = torch.zeros(n, device=device)
     c = torch.zeros(n, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = _synchronizer(device)
     best = math.inf
     for _ in range(repeats):
         sync()
@@ -79,12 +84,13 @@ def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int
     return 3 * n * 4 / best
 
 
-def _path(name: str) -> str:
+def _path(name: str, known: dict[str, Any]) -> str:
+    """The path ``name`` runs on; ``known`` is :func:`baselines`."""
     if name.endswith(_FUSED):
         return "fused"
     if name.startswith("torch-adamw-"):
         return name.rsplit("-", 1)[-1]  # fused, foreach, forloop
-    if name in baselines():
+    if name in known:
         return "loop" if name.startswith("torch-") else "peer"  # torch's own default on CPU: the for-loop
     return "loop"
 
@@ -179,7 +185,7 @@ def run_speed(
             opts[name] = create_optimizer(base_name, params, fused=True, **_DANLU_KWARGS.get(base_name, {}))
         else:
             opts[name] = create_optimizer(name, params, **_DANLU_KWARGS.get(name, {}))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = _synchronizer(device)
     if bandwidth is None:
         bandwidth = stream_bandwidth(device)
     times: dict[str, list[float]] = {name: [] for name in opts}
@@ -209,7 +215,7 @@ def run_speed(
             ratio_to_fused_adamw=None if ref is None else median / ref,
             state_bytes_per_param=state_bpp,
             first_step_s=first.get(name, float("nan")),
-            path=_path(name),
+            path=_path(name, known),
             bytes_per_param=bpp,
             ideal_ms=1e3 * ideal,
             fraction_of_limit=ideal / median,
@@ -231,7 +237,7 @@ def default_names() -> list[str]:
 
 
 def format_table(results: list[SpeedResult], n_params: int, header: str, bandwidth: float | None = None) -> str:
-    """The results as a table, fastest first; the last column is the step's fraction of the limit."""
+    """The results as a table, fastest first; ``of limit`` is the step's fraction of the ideal time."""
     if bandwidth is not None:
         header += f"; streaming bandwidth {bandwidth / 1e9:.1f} GB/s"
     lines = [header, f"{'optimizer':<26}{'path':>8}{'median ms':>11}{'× fused AdamW':>15}{'state B/param':>15}"
