@@ -65,3 +65,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, message):
 def test_state_bytes_of_a_fresh_optimizer_is_zero():
     p = torch.nn.Parameter(torch.zeros(3))
     assert _state_bytes(torch.optim.AdamW([p])) == 0
+
+
+def test_bf16_state_variants_are_timed_with_half_the_state():
+    from danlu.bench.speed import is_valid_name
+
+    assert is_valid_name("lion-fused-bf16") and is_valid_name("sgdm-bf16") and is_valid_name("adamw-fused")
+    assert not is_valid_name("egd-bf16") and not is_valid_name("zero-order-bf16") and not is_valid_name("lion-bf16-fused")
+    res = {r.name: r for r in run_speed(["lion", "lion-bf16"], n_params=1e5, repeats=1, warmup=1)}
+    assert res["lion-bf16"].path == "loop"
+    assert res["lion-bf16"].state_bytes_per_param < res["lion"].state_bytes_per_param / 2 + 0.01
+    assert res["lion-bf16"].bytes_per_param == 3 * 4 + 2 * res["lion-bf16"].state_bytes_per_param

@@ -36,6 +36,19 @@ import torch
 
 __all__ = ["FusedSteps"]
 
+# Inductor elides a float32 → bfloat16 → float32 round trip inside a fused loop (it keeps the float32
+# value); the per-tensor kernels' numerics, and the stochastic rounding's neighbour arithmetic, need it
+# kept. Where the option exists (it does in the torch releases danlu supports from 2.5 on, checked
+# here), every bucket is compiled with it; it changes nothing for float32/float64 buckets.
+_ELEMENT_OPTIONS: dict[str, Any] = {}
+try:
+    import torch._inductor.config as _inductor_config
+
+    if hasattr(_inductor_config, "emulate_precision_casts"):
+        _ELEMENT_OPTIONS["emulate_precision_casts"] = True
+except Exception:  # pragma: no cover - no inductor: compilation fails later and the per-tensor path runs
+    pass
+
 
 def _apply_kernel(update: Callable[..., None], params: list[torch.Tensor], grads: list[torch.Tensor],
                   states: list[dict[str, Any]], group: dict[str, Any], derived: list[Any] | None) -> None:
@@ -43,9 +56,30 @@ def _apply_kernel(update: Callable[..., None], params: list[torch.Tensor], grads
         update(p, g, st, group, None if derived is None else derived[i])
 
 
-def _derive_all(derive: Callable[..., dict[str, Any]], params: list[torch.Tensor], states: list[dict[str, Any]],
-                group: dict[str, Any]) -> list[dict[str, Any]]:
-    return [derive(p, st, group) for p, st in zip(params, states)]
+def _derive_all(derive: Callable[..., dict[str, Any]], key: Callable[..., Any], params: list[torch.Tensor],
+                states: list[dict[str, Any]], group: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every tensor's scalars of one step, batched: the tensors whose ``key(p, group)`` agree (the
+    per-tensor constants the scalars depend on, e.g. Amos's η̃) get one call of ``derive`` on their
+    0-d state entries stacked into 1-D tensors, which are then written back (``derive`` increments
+    counters). Outputs that are 1-D (per tensor) are split; others (0-d, numbers) are shared. One
+    batched call keeps the scalars graph small: per tensor it would be as large as the bucket."""
+    out: list[dict[str, Any]] = [{} for _ in params]
+    batches: dict[Any, list[int]] = {}
+    for i, p in enumerate(params):
+        batches.setdefault(key(p, group), []).append(i)
+    for idx in batches.values():
+        first = states[idx[0]]
+        names = [k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
+        stacked = {k: torch.stack([states[i][k] for i in idx]) for k in names}
+        view = {**first, **stacked}
+        derived = derive(params[idx[0]], view, group)
+        for k in names:
+            new = view[k]
+            for j, i in enumerate(idx):
+                states[i][k].copy_(new[j])
+        for j, i in enumerate(idx):
+            out[i] = {k: (v[j] if isinstance(v, torch.Tensor) and v.dim() == 1 else v) for k, v in derived.items()}
+    return out
 
 
 def _fresh_function(name: str, template: Callable[..., Any] = _apply_kernel) -> Callable[..., Any]:
@@ -122,17 +156,20 @@ class FusedSteps:
             dtypes = tuple(sorted((k, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)))
             buckets.setdefault((index[id(group)], p.device, p.dtype, dtypes), []).append(p)
         names = tuple(optimizer._step_scalars)
-        derive = optimizer._derive
         views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
         for key, params in buckets.items():
             group = optimizer.param_groups[key[0]]
             states = [optimizer.state[p] for p in params]
             derived = None
+            derive = optimizer._derive
+            if derive is not None or group.get("state_dtype") == torch.bfloat16:
+                derive = optimizer._derive_stored
             if self.disabled is None and not compiling:
                 fn = self._functions.get(key)
                 if fn is None:
                     fn = self._functions[key] = torch.compile(
-                        _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True)
+                        _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True,
+                        options=_ELEMENT_OPTIONS)
                 view = views.get(key[:2])
                 if view is None:
                     view = views[key[:2]] = self._group_view(key[0], group, names, key[1])
@@ -142,8 +179,8 @@ class FusedSteps:
                         if dfn is None:
                             dfn = self._derive_functions[key] = torch.compile(
                                 _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
-                                fullgraph=True)
-                        derived = dfn(derive, params, states, view)
+                                fullgraph=True, options=_ELEMENT_OPTIONS)
+                        derived = dfn(derive, optimizer._derive_batch_key, params, states, view)
                     fn(optimizer._update_stored, params, [p.grad for p in params], states, view, derived)
                     continue
                 except Exception as err:

@@ -38,6 +38,7 @@ _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 # Options added after danlu 0.1: a saved group without them takes the optimizer's default.
 _LATER_OPTIONS = frozenset({"fused", "state_dtype"})
 _STATE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+_SR_KEY = "sr_key"  # the fused path's precomputed rounding key, in ``derived``
 
 # The update counter's dtype: float32, as torch.optim's own (exact up to 2**24 ≈ 16.7M steps). An
 # in-place add on a 0-d float64 CPU tensor is lost under torch.compile (aot_eager and inductor, torch
@@ -217,6 +218,8 @@ class DanluOptimizer(torch.optim.Optimizer):
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
             if group.get("fused"):
+                if group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
+                    self._init_stored(p, group, state)  # state_dtype set after this state was made
                 fused.append((p, group))
             else:
                 self._update_stored(p, p.grad, state, group)
@@ -252,6 +255,11 @@ class DanluOptimizer(torch.optim.Optimizer):
     # bucket's elements reads them instead of recomputing them for every element.
     _derive: Callable[..., dict[str, Any]] | None = None
 
+    def _derive_batch_key(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        """What, besides the state's 0-d entries and the group, ``_derive`` depends on for ``p``: tensors
+        with equal keys get their scalars from one batched call (on the fused path). None: nothing."""
+        return None
+
     def _call_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                      derived: dict[str, Any] | None) -> None:
         if derived is None:
@@ -259,12 +267,28 @@ class DanluOptimizer(torch.optim.Optimizer):
         else:
             self._update(p, grad, state, group, derived)  # type: ignore[call-arg]
 
+    def _derive_stored(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """The fused path's per-tensor scalars: the kernel's own (``_derive``) and, for bfloat16 state,
+        the rounding key of this update (``sr_step`` incremented). Computed in their own small graph."""
+        out = {} if self._derive is None else dict(self._derive(p, state, group))
+        if group.get("state_dtype") == torch.bfloat16:
+            from .rounding import rounding_key  # noqa: PLC0415
+
+            state["sr_step"].add_(1)  # present: _update_all made it before the fused path runs
+            out[_SR_KEY] = rounding_key(state["sr_seed"], state["sr_step"])
+        return out
+
     def _update_stored(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                        derived: dict[str, Any] | None = None) -> None:
         """``_update`` with the state in ``state_dtype``: float32/float64 storage is used as is (the
         kernel's ops promote); bfloat16 storage is computed in float32 and rounded stochastically
-        on store, keyed by (``sr_seed``, ``sr_step``, element offset)."""
+        on store, keyed by (``sr_seed``, ``sr_step``, element offset). ``derived`` is what
+        :meth:`_derive_stored` returned (the fused path) or None (the per-tensor path computes it)."""
         dtype = group.get("state_dtype")
+        key = None
+        if derived is not None:
+            key = derived.get(_SR_KEY)
+            derived = None if self._derive is None else {k: v for k, v in derived.items() if k != _SR_KEY}
         if dtype is None:
             self._call_update(p, grad, state, group, derived)
             return
@@ -274,16 +298,18 @@ class DanluOptimizer(torch.optim.Optimizer):
                 if state[k].dtype != dtype:
                     state[k] = state[k].to(dtype)
             return
-        from .rounding import stochastic_round_to_bf16  # noqa: PLC0415
+        from .rounding import round_with_key, rounding_key  # noqa: PLC0415
 
         if "sr_step" not in state:  # state_dtype set on the group after this state was made
             self._init_stored(p, group, state)
         low = self._low_precision_state
         work = {k: (v.float() if k in low and isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self._call_update(p, grad, work, group, derived)
-        state["sr_step"].add_(1)
+        if key is None:
+            state["sr_step"].add_(1)
+            key = rounding_key(state["sr_seed"], state["sr_step"])
         for k in low & set(work):
-            rounded = stochastic_round_to_bf16(work[k], state["sr_seed"], state["sr_step"])
+            rounded = round_with_key(work[k].float(), key)
             if k in state:
                 state[k].copy_(rounded)
             else:
@@ -312,11 +338,6 @@ class DanluOptimizer(torch.optim.Optimizer):
         if fused and layout is not None:
             raise ValueError(f"Invalid fused: True (expected False for parameters with layout {layout}: the fused "
                              "path compiles dense (strided) tensors only)")
-        if fused and group.get("state_dtype") == torch.bfloat16:
-            # In a trial inductor took 217 s to build Lion's rounded bucket for 1.9M parameters and
-            # the step ran at 2.7× torch's fused AdamW: not a usable path yet.
-            raise ValueError("Invalid fused: True (expected False with state_dtype=torch.bfloat16: the compiled "
-                             "stochastic rounding is not usable yet; bfloat16 state runs on the per-tensor path)")
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (pre-hooks, ``state``, ``param_groups``) with danlu's entries added

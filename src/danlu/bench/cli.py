@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from .experiments import EXPERIMENT_NAMES
 from .tasks import TASKS
-from .speed import (baselines, default_names, format_table, results_json, run_speed, stream_bandwidth,
+from .speed import (baselines, default_names, format_table, is_valid_name, results_json, run_speed, stream_bandwidth,
                     transformer_shapes)
 
 __all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS", "AUTO_EXTENSIONS"]
@@ -111,9 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     known = default_names()
     names = known if args.optimizers is None else [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if not is_valid_name(n)]
     if unknown or not names:
-        parser.error(f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+        parser.error(f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)} "
+                     "(and <name>-bf16, <name>-fused-bf16 for those with bfloat16 state)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"device {args.device!r} is not available")
     if "torch-adamw-fused" not in names and "torch-adamw-fused" in baselines():

@@ -6,7 +6,8 @@ shared machine hits all of them alike; each optimizer reports its median step ti
 to torch's fused AdamW measured in the same run. State bytes per parameter count every tensor in
 the optimizer's state (a wrapper's and its inner optimizer's), after the first step. ``<name>-fused``
 is the optimizer with ``fused=True`` (one compiled pass per bucket); its first step, reported
-separately, includes the compilation.
+separately, includes the compilation. ``<name>-bf16`` and ``<name>-fused-bf16`` keep the optimizer's
+moments in bfloat16 (``state_dtype=torch.bfloat16``, stochastic rounding on store).
 
 The limit: a step is memory-bound, so the least time it can take is the bytes it must move over the
 machine's streaming bandwidth. ``bytes_per_param`` counts, per parameter, θ read and written, the
@@ -30,7 +31,7 @@ import torch
 from ..registry import create_optimizer
 
 __all__ = ["SpeedResult", "stream_bandwidth", "bytes_per_param", "transformer_shapes", "baselines", "default_names",
-           "run_speed", "format_table", "results_json"]
+           "run_speed", "format_table", "results_json", "is_valid_name"]
 
 # Closure-driven optimizers (several forward passes per step) have no comparable "step" on fixed
 # gradients; `danlu compare` measures them on real tasks instead.
@@ -57,7 +58,7 @@ _EXTRA_GRAD_PASSES = {"adafactor": 2, "torch-adafactor": 2, "amos": 1, "pytorch-
 def bytes_per_param(name: str, elt: int, state_bytes_per_param: float) -> float:
     """Bytes one step of ``name`` must move per parameter (θ read and written, g read, state read and
     written, extra reads of g), for parameters and gradients of ``elt`` bytes."""
-    base = name[: -len(_FUSED)] if name.endswith(_FUSED) else name
+    base = _split(name)[0]
     return 3 * elt + 2 * state_bytes_per_param + _EXTRA_GRAD_PASSES.get(base, 0) * elt
 
 
@@ -84,9 +85,18 @@ def stream_bandwidth(device: str = "cpu", n_bytes: int = 256 << 20, repeats: int
     return 3 * n * 4 / best
 
 
+def _split(name: str) -> tuple[str, bool, bool]:
+    """``<base>[-fused][-bf16]`` as (base, fused, bfloat16 state)."""
+    bf16 = name.endswith(_BF16)
+    if bf16:
+        name = name[: -len(_BF16)]
+    fused = name.endswith(_FUSED)
+    return (name[: -len(_FUSED)] if fused else name), fused, bf16
+
+
 def _path(name: str, known: dict[str, Any]) -> str:
     """The path ``name`` runs on; ``known`` is :func:`baselines`."""
-    if name.endswith(_FUSED):
+    if name not in known and _split(name)[1]:
         return "fused"
     if name.startswith("torch-adamw-"):
         return name.rsplit("-", 1)[-1]  # fused, foreach, forloop
@@ -180,11 +190,14 @@ def run_speed(
             p.grad = g
         if name in known:
             opts[name] = known[name](params)
-        elif name.endswith(_FUSED):
-            base_name = name[: -len(_FUSED)]
-            opts[name] = create_optimizer(base_name, params, fused=True, **_DANLU_KWARGS.get(base_name, {}))
         else:
-            opts[name] = create_optimizer(name, params, **_DANLU_KWARGS.get(name, {}))
+            base_name, fused, bf16 = _split(name)
+            kwargs = dict(_DANLU_KWARGS.get(base_name, {}))
+            if fused:
+                kwargs["fused"] = True
+            if bf16:
+                kwargs["state_dtype"] = torch.bfloat16
+            opts[name] = create_optimizer(base_name, params, **kwargs)
     sync = _synchronizer(device)
     if bandwidth is None:
         bandwidth = stream_bandwidth(device)
@@ -224,16 +237,37 @@ def run_speed(
 
 
 _FUSED = "-fused"
+_BF16 = "-bf16"
 
 
 def default_names() -> list[str]:
-    """The baselines, every danlu optimizer that steps from ``.grad``, and ``<name>-fused`` for each
-    with a fused path."""
+    """The baselines, every danlu optimizer that steps from ``.grad``, ``<name>-fused`` for each with a
+    fused path, and ``<name>-fused-bf16`` for those whose moments may be stored in bfloat16 by default
+    (every moment of the default configuration: Lion, Tiger, SGDM, AdamW, AdaX)."""
     from ..registry import OPTIMIZERS, list_optimizers
 
     names = [n for n in list_optimizers() if n not in _NEEDS_CLOSURE and not n.startswith("torch-")]
     fused = [n + _FUSED for n in names if getattr(OPTIMIZERS.get(n), "_step_scalars", ())]
-    return list(baselines()) + names + fused
+    bf16 = [n + _FUSED + _BF16 for n in _BF16_NAMES if n + _FUSED in fused]
+    return list(baselines()) + names + fused + bf16
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``danlu speed`` can time ``name``: a default name, or ``<danlu name>[-fused]-bf16`` for an
+    optimizer with bfloat16-capable state (and a fused path, for ``-fused``)."""
+    from ..registry import OPTIMIZERS
+
+    if name in default_names():
+        return True
+    base, fused, bf16 = _split(name)
+    cls = OPTIMIZERS.get(base)
+    return (bf16 and cls is not None and base not in _NEEDS_CLOSURE and bool(getattr(cls, "_low_precision_state", ()))
+            and (not fused or bool(getattr(cls, "_step_scalars", ()))))
+
+
+# Those whose default configuration keeps all its moments in ``_low_precision_state`` (Adafactor's
+# only such moment, its momentum, is off by default).
+_BF16_NAMES = ("lion", "tiger", "sgdm", "adamw", "adax")
 
 
 def format_table(results: list[SpeedResult], n_params: int, header: str, bandwidth: float | None = None) -> str:

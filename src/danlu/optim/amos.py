@@ -223,6 +223,9 @@ class Amos(DanluOptimizer):
         if group["momentum"] is not None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _derive_batch_key(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        return amos_layout(p, group.get("eta"), group.get("reduce_dims"))[0]  # η̃ (from the fan-in)
+
     def _derive(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
         eta, _ = amos_layout(p, group.get("eta"), group.get("reduce_dims"))
         return amos_scalars(state["step"], lr=group["lr"], eta=eta, beta=group["beta"], c_coef=group["c_coef"],
