@@ -29,6 +29,7 @@ unsupported platform) the per-tensor path runs instead, with one warning; inside
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable
 
@@ -40,7 +41,9 @@ __all__ = ["FusedSteps"]
 # value); the per-tensor kernels' numerics, and the stochastic rounding's neighbour arithmetic, need it
 # kept. Where the option exists (it does in the torch releases danlu supports from 2.5 on, checked
 # here), every bucket is compiled with it; it changes nothing for float32/float64 buckets.
-_ELEMENT_OPTIONS: dict[str, Any] = {}
+# ``size_asserts`` off: dynamo's guards already check every input's sizes and strides before a graph
+# runs; inductor's own asserts repeated that for every tensor of the bucket, on every step.
+_ELEMENT_OPTIONS: dict[str, Any] = {"size_asserts": False}
 try:
     import torch._inductor.config as _inductor_config
 
@@ -52,18 +55,30 @@ except Exception:  # pragma: no cover - no inductor: compilation fails later and
 
 def _apply_kernel(update: Callable[..., None], params: list[torch.Tensor], grads: list[torch.Tensor],
                   states: list[dict[str, Any]], group: dict[str, Any], derived: list[Any] | None) -> None:
+    """``update`` on every tensor; ``derived`` is :func:`_derive_all`'s batched scalars or None."""
+    per = _split_derived(derived, len(params))
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
-        update(p, g, st, group, None if derived is None else derived[i])
+        update(p, g, st, group, per[i])
+
+
+def _split_derived(derived: list[Any] | None, n: int) -> list[dict[str, Any] | None]:
+    """Each tensor's scalars from the batches ``[(indices, outputs), ...]``: 1-D outputs are indexed,
+    others (0-d, numbers) shared. Inside the element graph, so the views cost nothing at run time."""
+    per: list[dict[str, Any] | None] = [None] * n
+    for idx, outputs in derived or ():
+        for j, i in enumerate(idx):
+            per[i] = {k: (v[j] if isinstance(v, torch.Tensor) and v.dim() == 1 else v) for k, v in outputs.items()}
+    return per
 
 
 def _derive_all(derive: Callable[..., dict[str, Any]], key: Callable[..., Any], params: list[torch.Tensor],
-                states: list[dict[str, Any]], group: dict[str, Any]) -> list[dict[str, Any]]:
+                states: list[dict[str, Any]], group: dict[str, Any]) -> list[tuple[list[int], dict[str, Any]]]:
     """Every tensor's scalars of one step, batched: the tensors whose ``key(p, group)`` agree (the
     per-tensor constants the scalars depend on, e.g. Amos's η̃) get one call of ``derive`` on their
     0-d state entries stacked into 1-D tensors, which are then written back (``derive`` increments
-    counters). Outputs that are 1-D (per tensor) are split; others (0-d, numbers) are shared. One
-    batched call keeps the scalars graph small: per tensor it would be as large as the bucket."""
-    out: list[dict[str, Any]] = [{} for _ in params]
+    counters). Returns ``[(indices, outputs), ...]`` (see :func:`_split_derived`). One batched call
+    keeps the scalars graph small: per tensor it would be as large as the bucket."""
+    out: list[tuple[list[int], dict[str, Any]]] = []
     batches: dict[Any, list[int]] = {}
     for i, p in enumerate(params):
         batches.setdefault(key(p, group), []).append(i)
@@ -72,14 +87,25 @@ def _derive_all(derive: Callable[..., dict[str, Any]], key: Callable[..., Any], 
         names = [k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
         stacked = {k: torch.stack([states[i][k] for i in idx]) for k in names}
         view = {**first, **stacked}
-        derived = derive(params[idx[0]], view, group)
+        outputs = derive(params[idx[0]], view, group)
         for k in names:
             new = view[k]
             for j, i in enumerate(idx):
                 states[i][k].copy_(new[j])
-        for j, i in enumerate(idx):
-            out[i] = {k: (v[j] if isinstance(v, torch.Tensor) and v.dim() == 1 else v) for k, v in derived.items()}
+        out.append((idx, outputs))
     return out
+
+
+def _trace_config() -> Any:
+    """Dynamo's settings for tracing a bucket: Python floats of the group that are not step scalars
+    (eps, ...) are constants of the graph. Unspecialised, each became a symbolic float that the
+    tensorify pass then gave up on, and dynamo traced the whole bucket a second time (≈13 s of a
+    30M-parameter compile)."""
+    import torch._dynamo.config as dynamo_config  # noqa: PLC0415
+
+    if hasattr(dynamo_config, "specialize_float"):
+        return dynamo_config.patch(specialize_float=True)
+    return contextlib.nullcontext()
 
 
 def _fresh_function(name: str, template: Callable[..., Any] = _apply_kernel) -> Callable[..., Any]:
@@ -145,21 +171,24 @@ class FusedSteps:
             view[name] = slot
         return view
 
-    def run(self, optimizer: Any, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """Step ``work`` (parameters with a gradient, state initialised, none empty) bucket by bucket:
-        compiled where it can be, the per-tensor kernel where it cannot."""
+    def run(self, optimizer: Any, work: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]) -> None:
+        """Step ``work`` ((parameter, group, state): with a gradient, state initialised, none empty)
+        bucket by bucket: compiled where it can be, the per-tensor kernel where it cannot."""
         compiling = torch.compiler.is_compiling()  # an outer torch.compile traces the per-tensor path
         index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
-        buckets: dict[Any, list[torch.Tensor]] = {}
-        for p, group in work:
-            state = optimizer.state[p]
-            dtypes = tuple(sorted((k, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)))
-            buckets.setdefault((index[id(group)], p.device, p.dtype, dtypes), []).append(p)
+        buckets: dict[Any, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
+        tensor = torch.Tensor
+        for p, group, state in work:
+            dtypes = tuple([(k, v.dtype) for k, v in state.items() if isinstance(v, tensor)])
+            bucket = buckets.get(key := (index[id(group)], p.device, p.dtype, dtypes))
+            if bucket is None:
+                bucket = buckets[key] = ([], [])
+            bucket[0].append(p)
+            bucket[1].append(state)
         names = tuple(optimizer._step_scalars)
         views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
-        for key, params in buckets.items():
+        for key, (params, states) in buckets.items():
             group = optimizer.param_groups[key[0]]
-            states = [optimizer.state[p] for p in params]
             derived = None
             derive = optimizer._derive
             if derive is not None or group.get("state_dtype") == torch.bfloat16:
@@ -174,14 +203,15 @@ class FusedSteps:
                 if view is None:
                     view = views[key[:2]] = self._group_view(key[0], group, names, key[1])
                 try:
-                    if derive is not None:
-                        dfn = self._derive_functions.get(key)
-                        if dfn is None:
-                            dfn = self._derive_functions[key] = torch.compile(
-                                _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
-                                fullgraph=True, options=_ELEMENT_OPTIONS)
-                        derived = dfn(derive, optimizer._derive_batch_key, params, states, view)
-                    fn(optimizer._update_stored, params, [p.grad for p in params], states, view, derived)
+                    with _trace_config():
+                        if derive is not None:
+                            dfn = self._derive_functions.get(key)
+                            if dfn is None:
+                                dfn = self._derive_functions[key] = torch.compile(
+                                    _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
+                                    fullgraph=True, options=_ELEMENT_OPTIONS)
+                            derived = dfn(derive, optimizer._derive_batch_key, params, states, view)
+                        fn(optimizer._update_stored, params, [p.grad for p in params], states, view, derived)
                     continue
                 except Exception as err:
                     # A failed compilation raises before its graph runs; anything else is real.

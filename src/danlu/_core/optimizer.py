@@ -220,7 +220,7 @@ class DanluOptimizer(torch.optim.Optimizer):
             if group.get("fused"):
                 if group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
                     self._init_stored(p, group, state)  # state_dtype set after this state was made
-                fused.append((p, group))
+                fused.append((p, group, state))
             else:
                 self._update_stored(p, p.grad, state, group)
         if fused:

@@ -21,8 +21,8 @@ import torch
 from .. import __version__
 from .experiments import EXPERIMENT_NAMES
 from .tasks import TASKS
-from .speed import (baselines, default_names, format_table, is_valid_name, results_json, run_speed, stream_bandwidth,
-                    transformer_shapes)
+from .speed import (_split, baselines, compiler_setup_seconds, default_names, format_table, is_valid_name,
+                    results_json, run_speed, stream_bandwidth, transformer_shapes)
 
 __all__ = ["main", "DEFAULT_TASKS", "DEFAULT_OPTIMIZERS", "QUICK_STEPS", "AUTO_FACTORS", "AUTO_EXTENSIONS"]
 
@@ -120,6 +120,8 @@ def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if "torch-adamw-fused" not in names and "torch-adamw-fused" in baselines():
         names = ["torch-adamw-fused"] + names  # the reference every ratio is measured against
     bandwidth = stream_bandwidth(args.device)
+    peers = baselines()
+    setup = compiler_setup_seconds(args.device) if any(_split(n)[1] for n in names if n not in peers) else None
     results = run_speed(names, n_params=args.params, dtype=_DTYPES[args.dtype], device=args.device,
                         repeats=args.repeats, bandwidth=bandwidth)
     n = sum(torch.Size(s).numel() for s in transformer_shapes(args.params))
@@ -127,8 +129,11 @@ def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"{args.device}, {args.dtype}, {n / 1e6:.1f}M parameters, {args.repeats} interleaved rounds")
     if args.json:
         print(json.dumps({"environment": header, "stream_bandwidth_bytes_per_s": bandwidth,
+                          "compiler_setup_s": setup,
                           "results": results_json(results)}, indent=2))
     else:
+        if setup is not None:
+            header += f"; compiler setup (once per process, before the first fused step) {setup:.1f} s"
         print(format_table(results, int(args.params), header, bandwidth))
     return 0
 

@@ -31,7 +31,8 @@ import torch
 from ..registry import create_optimizer
 
 __all__ = ["SpeedResult", "stream_bandwidth", "bytes_per_param", "transformer_shapes", "baselines", "default_names",
-           "run_speed", "format_table", "results_json", "is_valid_name"]
+           "run_speed", "format_table", "results_json", "is_valid_name",
+           "compiler_setup_seconds"]
 
 # Closure-driven optimizers (several forward passes per step) have no comparable "step" on fixed
 # gradients; `danlu compare` measures them on real tasks instead.
@@ -92,6 +93,18 @@ def _split(name: str) -> tuple[str, bool, bool]:
         name = name[: -len(_BF16)]
     fused = name.endswith(_FUSED)
     return (name[: -len(_FUSED)] if fused else name), fused, bf16
+
+
+def compiler_setup_seconds(device: str = "cpu") -> float:
+    """Compile and run a one-op function with inductor: the process's one-time compiler setup (the
+    C++ toolchain and vector-ISA probes on CPU), paid by whichever fused optimizer compiles first.
+    ``danlu speed`` runs it before timing, so each fused optimizer's first step is its own compile."""
+    fn = torch.compile(lambda x: x * 2 + 1, fullgraph=True)
+    sync = _synchronizer(device)
+    t0 = time.perf_counter()
+    fn(torch.ones(64, device=device))
+    sync()
+    return time.perf_counter() - t0
 
 
 def _path(name: str, known: dict[str, Any]) -> str:
