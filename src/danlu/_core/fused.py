@@ -21,6 +21,25 @@ single pass, which then reads them. In one graph, inductor would inline the scal
 element loop and redo it (float64 ``pow``, ``sqrt``) for every vector of elements: that doubled
 AdamW's step on CPU.
 
+Those scalars are computed batched: the tensors of a bucket whose scalars depend on nothing but
+their counters and the group (``_derive_batch_key``; Amos's η̃ splits them by fan-in) get one call of
+``_derive`` on their counters stacked into 1-D tensors, written back after; each tensor's entries are
+taken out inside the element graph (views made there cost nothing at run time). Per tensor, the
+scalars graph grew with the bucket. bfloat16 state adds its rounding key (``_derive_stored``) to them.
+
+What inductor does that this driver works around (torch 2.13, CPU), each found by a test or a
+measurement:
+
+- it elides a float32 → bfloat16 → float32 round trip inside a loop (keeps the float32 value), so
+  every bucket compiles with ``emulate_precision_casts`` (the per-tensor kernels' numerics, and the
+  stochastic rounding's neighbour arithmetic, need the rounding);
+- it treats the Python floats of the group (eps, ...) as symbolic and then retraces the whole bucket
+  once it cannot keep them symbolic, so buckets trace with ``specialize_float`` (they are constants;
+  the values a scheduler changes are 0-d tensors already);
+- its per-input size asserts repeat dynamo's guards for every tensor on every step (off);
+- integer bit casts run one element at a time and signed overflow is undefined in the generated C++
+  (see ``danlu._core.rounding``); ``g·0`` folds to 0 (see ``numerics.propagate_nonfinite_``).
+
 Each bucket gets a function with a code object of its own, so dynamo's per-code cache holds one
 entry per bucket and buckets never evict each other. Where compilation fails (no compiler, an
 unsupported platform) the per-tensor path runs instead, with one warning; inside an outer

@@ -29,9 +29,12 @@ sum ``i·φ + key`` (φ = 0x9E3779B9, the golden-ratio multiplier of Fibonacci h
 and independent from step to step (the key is rehashed each step); within one step the elements'
 noise is a randomly shifted golden-ratio (Weyl) sequence, evenly spread rather than independent.
 Only the rounding of each element on its own matters for the state's expectation, and this form
-costs four integer operations per element where a per-element hash costs a dozen (measured: it
-made a compiled bfloat16 Lion step 1.4× slower). The comparisons and conversions above avoid integer
-bit casts, which inductor's CPU code generator runs one element at a time.
+costs a multiply and three integer operations per element where a per-element hash (xorshift-multiply
+rounds) costs a dozen, in a compiled step that is compute-bound already. The comparisons and
+conversions above avoid integer bit casts, which inductor's CPU code generator runs one element at a
+time; every integer stays in int64 without overflow (a signed overflow is undefined in the generated
+C++, and gcc dropped the code around one). Compiled, the float32 → bfloat16 → float32 round trips must
+be kept (``emulate_precision_casts``, as the fused path compiles); inductor otherwise elides them.
 """
 
 from __future__ import annotations

@@ -255,8 +255,8 @@ _BF16 = "-bf16"
 
 def default_names() -> list[str]:
     """The baselines, every danlu optimizer that steps from ``.grad``, ``<name>-fused`` for each with a
-    fused path, and ``<name>-fused-bf16`` for those whose moments may be stored in bfloat16 by default
-    (every moment of the default configuration: Lion, Tiger, SGDM, AdamW, AdaX)."""
+    fused path, and ``<name>-fused-bf16`` for Lion, Tiger and SGDM (bfloat16 momentum; any optimizer
+    with bfloat16-capable state can be named, see :func:`is_valid_name`)."""
     from ..registry import OPTIMIZERS, list_optimizers
 
     names = [n for n in list_optimizers() if n not in _NEEDS_CLOSURE and not n.startswith("torch-")]
@@ -278,9 +278,9 @@ def is_valid_name(name: str) -> bool:
             and (not fused or bool(getattr(cls, "_step_scalars", ()))))
 
 
-# Those whose default configuration keeps all its moments in ``_low_precision_state`` (Adafactor's
-# only such moment, its momentum, is off by default).
-_BF16_NAMES = ("lion", "tiger", "sgdm", "adamw", "adax")
+# The sign-momentum family, whose one state tensor bfloat16 halves (each such compile takes minutes
+# on 2 cores, so AdamW's and AdaX's are timed on request only).
+_BF16_NAMES = ("lion", "tiger", "sgdm")
 
 
 def format_table(results: list[SpeedResult], n_params: int, header: str, bandwidth: float | None = None) -> str:

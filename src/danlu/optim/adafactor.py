@@ -142,7 +142,7 @@ class Adafactor(DanluOptimizer):
         state_dtype: store the momentum ``exp_avg`` (with ``beta1``) in this dtype instead of the parameter's (default None): bfloat16
             halves their memory on float32 parameters (computed in float32, rounded stochastically on
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            the per-tensor path only, not with ``fused=True`` yet);
+            on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters.
 
     References:

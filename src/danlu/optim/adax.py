@@ -87,7 +87,7 @@ class AdaX(DanluOptimizer):
         state_dtype: store m and v̂ in this dtype instead of the parameter's (default None): bfloat16
             halves their memory on float32 parameters (computed in float32, rounded stochastically on
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            the per-tensor path only, not with ``fused=True`` yet);
+            on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters. float32 on bfloat16 parameters also keeps
             β̂_t from rounding to 1 in the state's dtype.
 

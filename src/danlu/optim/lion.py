@@ -107,8 +107,7 @@ class Lion(_SignMomentum):
         state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None).
             bfloat16 halves its memory on float32 parameters: computed in float32, rounded
             stochastically on store with counter-based noise (unbiased, reproducible, identical across
-            DDP replicas); the per-tensor path only (not with ``fused=True`` yet, nor with
-            ``accum_steps`` > 1). float32 keeps full-precision state for bfloat16 parameters.
+            DDP replicas), on the per-tensor and the fused path (not with ``accum_steps`` > 1). float32 keeps full-precision state for bfloat16 parameters.
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);

@@ -48,7 +48,7 @@ class SGDM(AccumulatingOptimizer):
         state_dtype: store the momentum buffer in this dtype instead of the parameter's (default None): bfloat16
             halves their memory on float32 parameters (computed in float32, rounded stochastically on
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            the per-tensor path only, not with ``fused=True`` yet);
+            on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
 
     References:
