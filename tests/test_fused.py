@@ -199,7 +199,7 @@ def test_failed_bucket_compilation_after_the_scalars_ran_does_not_step_twice(mon
         float(loop.state[p]["step"]) for p in loop_p if p.numel()]
 
 
-@pytest.mark.parametrize("name", ["Lion", "Amos", "EGD"])
+@pytest.mark.parametrize("name", ["Lion", "Amos", "EGD", "Adafactor"])
 def test_fused_step_propagates_nonfinite_gradients(name):
     """A NaN or ±inf gradient entry shows as NaN in θ on the fused path as on the per-tensor one
     (inductor simplifies g·0 to 0, so the propagation must not be written as g·0)."""
@@ -217,7 +217,8 @@ def test_fused_step_propagates_nonfinite_gradients(name):
     bad = torch.zeros(8, 4, dtype=torch.bool)
     bad[0, 0] = bad[1, 1] = bad[2, 2] = True
     assert torch.isnan(fused[bad]).all() and torch.isnan(loop[bad]).all()
-    # Elsewhere as the per-tensor path (Amos's per-row statistics spread the NaN over the row).
+    # Elsewhere as the per-tensor path (Amos's per-row statistics spread the NaN over the row,
+    # Adafactor's factored ones over the whole matrix).
     torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 

@@ -84,8 +84,14 @@ def adafactor_update(
         add_scaled_(exp_avg.mul_(beta1), update, 1.0 - beta1)
         update = exp_avg
     if scale_parameter:
-        # Compiled, along d1 as the statistics above, so that θ is read in the same pass as g.
-        p_rms = (sum_along(param.square(), dims[1]).sum() / max(param.numel(), 1)).sqrt() if compiled else rms(param)
+        # Compiled, along d1 as the statistics above, in the same pass as g: inductor fuses reductions
+        # that read a common tensor, so θ² + (g − g) (= θ² for a finite g) joins the pass over g
+        # (`danlu speed --optimizers adafactor-fused`: 1.94× fused AdamW, from 2.04–2.32× with a pass
+        # of its own). A non-finite g makes it NaN, as it makes every entry of the update NaN anyway.
+        if compiled:
+            p_rms = (sum_along(param.square() + (grad - grad), dims[1]).sum() / max(param.numel(), 1)).sqrt()
+        else:
+            p_rms = rms(param)
     alpha = rho * torch.clamp(p_rms, min=eps2) if scale_parameter else rho
     if isinstance(weight_decay, torch.Tensor) or weight_decay != 0.0:
         param.mul_(1.0 - rho * weight_decay)
