@@ -209,9 +209,8 @@ class FusedSteps:
         for key, (params, states) in buckets.items():
             group = optimizer.param_groups[key[0]]
             derived = None
-            derive = optimizer._derive
-            if derive is not None or group.get("state_dtype") == torch.bfloat16:
-                derive = optimizer._derive_stored
+            has_scalars = optimizer._derive is not None or group.get("state_dtype") == torch.bfloat16
+            derive = optimizer._derive_stored if has_scalars else None
             if self.disabled is None and not compiling:
                 fn = self._functions.get(key)
                 if fn is None:

@@ -215,11 +215,11 @@ class DanluOptimizer(torch.optim.Optimizer):
                 self._init_state(p, group, state)
                 if group.get("state_dtype") is not None:
                     self._init_stored(p, group, state)
+            elif group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
+                self._init_stored(p, group, state)  # state_dtype set on the group after this state was made
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
             if group.get("fused"):
-                if group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
-                    self._init_stored(p, group, state)  # state_dtype set after this state was made
                 fused.append((p, group, state))
             else:
                 self._update_stored(p, p.grad, state, group)
@@ -274,7 +274,7 @@ class DanluOptimizer(torch.optim.Optimizer):
         if group.get("state_dtype") == torch.bfloat16:
             from .rounding import rounding_key  # noqa: PLC0415
 
-            state["sr_step"].add_(1)  # present: _update_all made it before the fused path runs
+            state["sr_step"].add_(1)  # present: _update_all makes it before either path runs
             out[_SR_KEY] = rounding_key(state["sr_seed"], state["sr_step"])
         return out
 
@@ -300,8 +300,6 @@ class DanluOptimizer(torch.optim.Optimizer):
             return
         from .rounding import round_with_key, rounding_key  # noqa: PLC0415
 
-        if "sr_step" not in state:  # state_dtype set on the group after this state was made
-            self._init_stored(p, group, state)
         low = self._low_precision_state
         work = {k: (v.float() if k in low and isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self._call_update(p, grad, work, group, derived)

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     known = default_names()
     names = known if args.optimizers is None else [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if not is_valid_name(n)]
+    unknown = [n for n in names if not is_valid_name(n, known)]
     if unknown or not names:
         parser.error(f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)} "
                      "(and <name>-bf16, <name>-fused-bf16 for those with bfloat16 state)")

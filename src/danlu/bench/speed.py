@@ -265,12 +265,13 @@ def default_names() -> list[str]:
     return list(baselines()) + names + fused + bf16
 
 
-def is_valid_name(name: str) -> bool:
-    """Whether ``danlu speed`` can time ``name``: a default name, or ``<danlu name>[-fused]-bf16`` for an
-    optimizer with bfloat16-capable state (and a fused path, for ``-fused``)."""
+def is_valid_name(name: str, known: list[str] | None = None) -> bool:
+    """Whether ``danlu speed`` can time ``name``: a default name (``known``: :func:`default_names`, if
+    the caller has it), or ``<danlu name>[-fused]-bf16`` for an optimizer with bfloat16-capable state
+    (and a fused path, for ``-fused``)."""
     from ..registry import OPTIMIZERS
 
-    if name in default_names():
+    if name in (default_names() if known is None else known):
         return True
     base, fused, bf16 = _split(name)
     cls = OPTIMIZERS.get(base)
