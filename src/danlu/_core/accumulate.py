@@ -127,8 +127,13 @@ class AccumulatingOptimizer(DanluOptimizer):
         state = self.state[p]
         if len(state) == 0:
             self._init_state(p, group, state)
+            self._place_new_state(p, group, state)
         if p.numel() == 0:
             return
+        self._on_local(p, grad, group, state, lambda lp, lg, st: self._fold_local(lp, lg, st, group, t))
+
+    def _fold_local(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                    t: int) -> None:
         k = self.accum_steps
         if k == 1:
             self._update(p, grad, state, group)
@@ -163,7 +168,8 @@ class AccumulatingOptimizer(DanluOptimizer):
                 for p in group["params"]:
                     state = self.state.get(p)
                     if state and state.get(PENDING):
-                        self._apply(p, None, state, group)
+                        self._on_local(p, None, group, state,
+                                       lambda lp, _, st, group=group: self._apply(lp, None, st, group))
                         state[PENDING] = False
         self._micro_step = 0 if update else t
         self.is_update_step = update

@@ -190,23 +190,26 @@ class FusedSteps:
             view[name] = slot
         return view
 
-    def run(self, optimizer: Any, work: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]) -> None:
-        """Step ``work`` ((parameter, group, state): with a gradient, state initialised, none empty)
+    def run(self, optimizer: Any,
+            work: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]]) -> None:
+        """Step ``work`` ((parameter, gradient, group, state): state initialised, none empty; for an FSDP2
+        parameter its local shards)
         bucket by bucket: compiled where it can be, the per-tensor kernel where it cannot."""
         compiling = torch.compiler.is_compiling()  # an outer torch.compile traces the per-tensor path
         index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
-        buckets: dict[Any, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
+        buckets: dict[Any, tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, Any]]]] = {}
         tensor = torch.Tensor
-        for p, group, state in work:
+        for p, grad, group, state in work:
             dtypes = tuple([(k, v.dtype) for k, v in state.items() if isinstance(v, tensor)])
             bucket = buckets.get(key := (index[id(group)], p.device, p.dtype, dtypes))
             if bucket is None:
-                bucket = buckets[key] = ([], [])
+                bucket = buckets[key] = ([], [], [])
             bucket[0].append(p)
-            bucket[1].append(state)
+            bucket[1].append(grad)
+            bucket[2].append(state)
         names = tuple(optimizer._step_scalars)
         views: dict[Any, dict[str, Any]] = {}  # one filled view per (group, device), shared by its buckets
-        for key, (params, states) in buckets.items():
+        for key, (params, grads, states) in buckets.items():
             group = optimizer.param_groups[key[0]]
             derived = None
             has_scalars = optimizer._derive is not None or group.get("state_dtype") == torch.bfloat16
@@ -229,7 +232,7 @@ class FusedSteps:
                                     _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
                                     fullgraph=True, options=_ELEMENT_OPTIONS)
                             derived = dfn(derive, optimizer._derive_batch_key, params, states, view)
-                        fn(optimizer._update_stored, params, [p.grad for p in params], states, view, derived)
+                        fn(optimizer._update_stored, params, grads, states, view, derived)
                     continue
                 except Exception as err:
                     # A failed compilation raises before its graph runs; anything else is real.
@@ -237,7 +240,7 @@ class FusedSteps:
                         raise
                     self._disable(optimizer, f"torch.compile failed ({type(err).__name__}: {err})")
             # The per-tensor path; if the scalars' graph already ran (the counters moved), with its scalars.
-            _apply_kernel(optimizer._update_stored, params, [p.grad for p in params], states, group, derived)
+            _apply_kernel(optimizer._update_stored, params, grads, states, group, derived)
 
     def _disable(self, optimizer: Any, why: str) -> None:
         self.disabled = why

@@ -101,14 +101,17 @@ def factored_dims(shape: torch.Size | tuple[int, ...], min_dim_size_to_factor: i
     return d0, d1
 
 
-def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, d1: int) -> torch.Tensor:
+def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, d1: int, row_mean: torch.Tensor | None = None) -> torch.Tensor:
     """1/√V̂ for the rank-1 estimate V̂ = R·C / mean(R), R and C kept with size-1 reduced dims.
 
     ``row`` has size 1 along d0 (the mean of g² over d0) and ``col`` size 1 along d1; their outer
     product over the mean of ``row`` along d1 is the I-divergence-optimal nonnegative rank-1 fit
-    (Shazeer & Stern 2018, §3; Su, kexue.fm/archives/7302).
+    (Shazeer & Stern 2018, §3; Su, kexue.fm/archives/7302). ``row_mean``: that mean along d1 when the
+    caller has it (over the whole parameter, for an FSDP2 shard).
     """
-    return (row / row.mean(dim=d1, keepdim=True)).rsqrt() * col.rsqrt()
+    if row_mean is None:
+        row_mean = row.mean(dim=d1, keepdim=True)
+    return (row / row_mean).rsqrt() * col.rsqrt()
 
 
 def propagate_nonfinite_(update: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

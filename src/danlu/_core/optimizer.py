@@ -183,6 +183,10 @@ class DanluOptimizer(torch.optim.Optimizer):
                 if p.grad.is_complex():
                     raise TypeError(f"{type(self).__name__} does not support complex gradients")
                 work.append((p, group))
+        from . import distributed as dist_  # noqa: PLC0415
+
+        if any(dist_.is_dtensor(p) for p, _ in work):
+            dist_.check_layouts(type(self).__name__, work)
         return work
 
     @staticmethod
@@ -207,22 +211,44 @@ class DanluOptimizer(torch.optim.Optimizer):
 
     def _update_all(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """One step for every (parameter, group) of ``work``: initialise state, then the fused path for
-        groups with ``fused=True`` and the per-tensor kernel for the rest."""
+        groups with ``fused=True`` and the per-tensor kernel for the rest. DTensor parameters (FSDP2)
+        step on their local shards (``danlu._core.distributed``)."""
+        from . import distributed as dist_  # noqa: PLC0415
+
+        sharded = any(dist_.is_dtensor(p) for p, _ in work)  # layouts checked by _check_grads
         fused = []
+        written: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         for p, group in work:
             state = self.state[p]
+            shard = dist_.layout_of(p) if sharded else None
             if len(state) == 0:
                 self._init_state(p, group, state)
+                if shard is not None:
+                    dist_.place_state(self, shard, group, state)
                 if group.get("state_dtype") is not None:
                     self._init_stored(p, group, state)
             elif group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
                 self._init_stored(p, group, state)  # state_dtype set on the group after this state was made
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
-            if group.get("fused"):
-                fused.append((p, group, state))
-            else:
-                self._update_stored(p, p.grad, state, group)
+            if shard is None:
+                if group.get("fused"):
+                    fused.append((p, p.grad, group, state))
+                else:
+                    self._update_stored(p, p.grad, state, group)
+                continue
+            local = dist_.local_state(state)
+            lp, lg = shard.local, p.grad.to_local()
+            if group.get("fused") and not (shard.sharded and self._reduces_across_rows(p, group)):
+                if lp.numel():  # an empty shard of an elementwise step has nothing to do
+                    fused.append((lp, lg, group, local))
+                    written.append((shard, group, state, local))
+                continue
+            # The per-tensor kernel on the local shards; a rank with an empty shard runs it too, so that it
+            # joins the kernel's collectives.
+            with dist_.on_shard(shard):
+                self._update_stored(lp, lg, local, group)
+            dist_.store_local_state(self, shard, group, state, local)
         if fused:
             driver = self.__dict__.get("_fused_steps")
             if driver is None:
@@ -230,6 +256,44 @@ class DanluOptimizer(torch.optim.Optimizer):
 
                 driver = self.__dict__["_fused_steps"] = FusedSteps()
             driver.run(self, fused)
+        for shard, group, state, local in written:
+            dist_.store_local_state(self, shard, group, state, local)
+
+    # --- sharded parameters (FSDP2; danlu._core.distributed) --------------------------------------------
+    def _place_new_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """For a DTensor ``p``: place the state ``_init_state`` just made (see ``distributed.place_state``)."""
+        from . import distributed as dist_  # noqa: PLC0415
+
+        shard = dist_.layout_of(p)
+        if shard is not None:
+            dist_.place_state(self, shard, group, state)
+
+    def _on_local(self, p: torch.Tensor, grad: torch.Tensor | None, group: dict[str, Any], state: dict[str, Any],
+                  fn: Callable[[torch.Tensor, torch.Tensor | None, dict[str, Any]], Any]) -> Any:
+        """``fn(p, grad, state)``, for a DTensor ``p`` on its local shards (under its shard context), the
+        entries it makes written back as DTensors."""
+        from . import distributed as dist_  # noqa: PLC0415
+
+        shard = dist_.layout_of(p)
+        if shard is None:
+            return fn(p, grad, state)
+        local = dist_.local_state(state)
+        with dist_.on_shard(shard):
+            out = fn(shard.local, None if grad is None else grad.to_local(), local)
+        dist_.store_local_state(self, shard, group, state, local)
+        return out
+
+    def _reduces_across_rows(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether the kernel reduces over dim 0 of ``p`` (a DTensor sharded on dim 0): such tensors take
+        the per-tensor path, whose reductions all-reduce; the others may take the fused path on their
+        local shards. Default: elementwise (False)."""
+        return False
+
+    def _state_placement(self, key: str, shape: torch.Size, group: dict[str, Any]) -> str:
+        """How state entry ``key`` of a parameter of global ``shape`` sharded on dim 0 is placed:
+        ``"shard"`` (on its dim 0, which is the parameter's: entries shaped like the parameter, statistics
+        that keep dim 0) or ``"replicate"`` (a statistic reduced over dim 0). Default: ``"shard"``."""
+        return "shard"
 
     # --- state stored in another dtype ------------------------------------------------------------
     def _init_stored(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:

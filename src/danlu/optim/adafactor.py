@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, rms, sum_along
+from .._core.distributed import global_shape, mean_over, rms
+from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, sum_along
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_bool, check_lr, check_number, check_optional
 
@@ -26,8 +27,9 @@ def adafactor_scalars(step: torch.Tensor, *, lr: float | torch.Tensor, relative_
 
 
 def _mean_along(x: torch.Tensor, dim: int, compiled: bool) -> torch.Tensor:
-    """``x.mean(dim, keepdim=True)``; compiled, as :func:`sum_along` (blocked along a strided dim) over n."""
-    return sum_along(x, dim).div_(x.shape[dim]) if compiled else x.mean(dim=dim, keepdim=True)
+    """``x.mean(dim, keepdim=True)``; compiled, as :func:`sum_along` (blocked along a strided dim) over n;
+    on an FSDP2 shard, over the whole parameter (``danlu._core.distributed``)."""
+    return sum_along(x, dim).div_(x.shape[dim]) if compiled else mean_over(x, dim, keepdim=True)
 
 
 def adafactor_update(
@@ -66,7 +68,9 @@ def adafactor_update(
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         row.mul_(beta2_hat).add_(_mean_along(g2, d0, compiled).mul_(one_minus_beta2))
         col.mul_(beta2_hat).add_(_mean_along(g2, d1, compiled).mul_(one_minus_beta2))
-        update = factored_rsqrt(row, col, d1).mul_(grad)
+        # R keeps the parameter's dim 0 (sharded with it under FSDP2) unless it was averaged over it.
+        row_mean = None if compiled else mean_over(row, d1, keepdim=True, aligned=d0 != 0)
+        update = factored_rsqrt(row, col, d1, row_mean).mul_(grad)
         if compiled:
             # RMS(U)² = mean(g²/V̂) with 1/V̂ = mean_{d1}(R)/(R·C): a sum along d1 (the reduction that
             # made C) of g²/R, then over C's entries. Inductor folds it into the pass that reduces g
@@ -237,6 +241,16 @@ class Adafactor(DanluOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _reduces_across_rows(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return True  # RMS(U) for the update clip spans the whole tensor (and the statistics, RMS(θ))
+
+    def _state_placement(self, key: str, shape: torch.Size, group: dict[str, Any]) -> str:
+        dims = factored_dims(shape, group["min_dim_size_to_factor"])
+        if dims is not None and key in ("exp_avg_sq_row", "exp_avg_sq_col"):
+            reduced = dims[0] if key == "exp_avg_sq_row" else dims[1]
+            return "replicate" if reduced == 0 else "shard"
+        return "shard"
+
     def _migrate(self, state_dict: Any) -> Any:
         """danlu ≤ 0.1 had no ``relative_step``: ``lr=None`` meant the relative step min(1e-2, 1/√t)
         and a float lr the absolute ρ."""
@@ -273,6 +287,6 @@ class Adafactor(DanluOptimizer):
             beta1=group["beta1"],
             weight_decay=group["weight_decay"],
             scale_parameter=group["scale_parameter"],
-            dims=factored_dims(p.shape, group["min_dim_size_to_factor"]),
+            dims=factored_dims(global_shape(p), group["min_dim_size_to_factor"]),
             scalars=derived,
         )

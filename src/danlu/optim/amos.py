@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .._core.distributed import global_shape, mean_over
 from .._core.modules import classify_parameters
 from .._core.numerics import add_scaled_, propagate_nonfinite_, scalar_sqrt
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
@@ -23,12 +24,14 @@ def amos_layout(p: torch.Tensor, eta: float | None, reduce_dims: Sequence[int] |
     output unit / row) with η̃ = √(1/fan_in), fan_in = numel/shape[0]; 1-D tensors one scalar and η̃ = 0.5;
     0-d tensors are their own scalar, η̃ = 0.5.
     """
+    shape = global_shape(p)  # an FSDP2 shard's parameter's (danlu._core.distributed)
+    nd, numel = len(shape), math.prod(shape)
     if reduce_dims is None:
-        dims = tuple(range(1, p.dim())) if p.dim() >= 2 else tuple(range(p.dim()))
+        dims = tuple(range(1, nd)) if nd >= 2 else tuple(range(nd))
     else:
-        dims = tuple(sorted(d % p.dim() for d in reduce_dims)) if p.dim() else ()
+        dims = tuple(sorted(d % nd for d in reduce_dims)) if nd else ()
     if eta is None:
-        eta = math.sqrt(p.shape[0] / max(p.numel(), 1)) if p.dim() >= 2 and p.numel() else 0.5
+        eta = math.sqrt(shape[0] / max(numel, 1)) if nd >= 2 and numel else 0.5
     return float(eta), dims
 
 
@@ -76,7 +79,7 @@ def amos_update(
         grad = propagate_nonfinite_(grad.clamp(-clip_value, clip_value), grad)
     g2 = grad.square()
     if reduce_dims:
-        g2 = g2.mean(dim=reduce_dims, keepdim=True)
+        g2 = mean_over(g2, reduce_dims, keepdim=True)  # over the whole parameter for an FSDP2 shard
     v.mul_(beta).add_(g2, alpha=1.0 - beta)
     # ε = 2^-125 is below float16's range; floor it at the dtype's smallest normal.
     r = scalars["bias_correction"] / v.clamp(min=max(eps, torch.finfo(v.dtype).tiny))
@@ -222,6 +225,17 @@ class Amos(DanluOptimizer):
         state["b"] = p.new_zeros(shape)
         if group["momentum"] is not None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _reduces_across_rows(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return 0 in amos_layout(p, group.get("eta"), group.get("reduce_dims"))[1]
+
+    def _state_placement(self, key: str, shape: torch.Size, group: dict[str, Any]) -> str:
+        if key in ("v", "b") and len(shape):
+            dims = tuple(range(1, len(shape))) if len(shape) >= 2 else (0,)
+            if group.get("reduce_dims") is not None:
+                dims = tuple(d % len(shape) for d in group["reduce_dims"])
+            return "replicate" if 0 in dims else "shard"
+        return "shard"
 
     def _derive_batch_key(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
         return amos_layout(p, group.get("eta"), group.get("reduce_dims"))[0]  # η̃ (from the fan-in)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .._core.distributed import amax_over, sum_over
 from .._core.numerics import acc_dtype, propagate_nonfinite_
 from .._core.optimizer import DanluOptimizer, ParamsT
 from .._core.validate import check_bool, check_lr, check_number, check_optional
@@ -48,11 +49,11 @@ def egd_update(
         else:
             # Normalisation cancels any per-slice shift exactly; shifting by the max keeps every factor
             # ≤ 1 (no overflow) and keeps the ranking when all exponents are large.
-            e.sub_(e.amax(dim=simplex_dim, keepdim=True)).clamp_(min=-2.0 * clamp)
+            e.sub_(amax_over(e, simplex_dim, keepdim=True)).clamp_(min=-2.0 * clamp)
         propagate_nonfinite_(e, grad)
         theta.mul_(e.exp_())
         if simplex_dim is not None:
-            theta.div_(theta.sum(dim=simplex_dim, keepdim=True))
+            theta.div_(sum_over(theta, simplex_dim, keepdim=True))
     else:
         x.clamp_(-clamp, clamp)
         propagate_nonfinite_(x, grad)
@@ -72,7 +73,7 @@ def egd_update(
             theta.mul_(torch.exp(-x)).sub_(torch.sinh(x).mul_(tm), alpha=2.0)
             tm.mul_(x.exp_())
         if l1_budget is not None:
-            r = l1_budget / (theta.sum() + 2.0 * tm.sum())
+            r = l1_budget / (sum_over(theta) + 2.0 * sum_over(tm))
             theta.mul_(r)
             tm.mul_(r)
         if tm is not theta_minus:
@@ -199,6 +200,10 @@ class EGD(DanluOptimizer):
                     "> 0: EGD multiplies parameters, so a zero never moves and a negative entry moves the wrong way; "
                     "use signed=True (EG±) for parameters of either sign)"
                 )
+
+    def _reduces_across_rows(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        dim = group["simplex_dim"]
+        return group["l1_budget"] is not None or (dim is not None and dim % max(p.dim(), 1) == 0)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if group["signed"]:

@@ -1,0 +1,324 @@
+"""Sharded parameters: danlu's kernels on FSDP2's local shards, with explicit collectives.
+
+DDP needs nothing from an optimizer but determinism: every rank holds the whole parameter and the
+same all-reduced gradient, and danlu's kernels are deterministic, so the replicas stay equal.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor parameters and gradients
+sharded on dim 0 over a 1-D device mesh (``torch.chunk``'s split: uneven when the dim does not divide
+by the world size, empty on the ranks past the last row). danlu does not step them through DTensor's
+dispatch of every op (its Partial placements have given silently wrong answers in several torch
+releases, and the compiled fused path cannot trace them). Instead the optimizer's step, for each such
+parameter:
+
+* takes the local shards (``to_local()``) of the parameter, its gradient and its state, and runs the
+  same per-tensor kernel as one process on them (or the fused path, for a kernel that reduces nothing
+  across the sharded dim), under a :class:`Shard` context;
+* the kernel's few reductions go through :func:`sum_over`, :func:`mean_over`, :func:`amax_over` and
+  :func:`rms`: with no context (one process, DDP) they are exactly the plain torch ops; inside a
+  context, a reduction over the sharded dim of a tensor *aligned* with the parameter (its dim 0 is the
+  parameter's dim 0, not yet reduced) sums the local part and then all-reduces it over the mesh's
+  process group, on a plain tensor; means divide by the global count;
+* shape-dependent choices read :func:`global_shape` (Adafactor's factored dims);
+* state tensors are DTensors on the parameter's mesh, placed like what they describe (:func:`place_state`):
+  an entry shaped like the parameter is sharded with it, a statistic that keeps dim 0 is sharded on
+  its dim 0, one reduced over dim 0 (Adafactor's statistic over rows, Amos's scalar ``v`` of a bias)
+  is replicated; 0-d entries (``step``) stay plain tensors, as torch.optim's. So
+  ``torch.distributed.checkpoint`` saves and reshards the state like the parameters.
+
+A rank whose shard is empty still runs the kernel on its empty tensors, so it joins every collective;
+all ranks issue the collectives in the same order (parameter order). The collectives are per tensor
+(not yet bucketed across tensors): a factored Adafactor step costs three to four all-reduces of a
+statistic's size (the column statistic, the row-mean normaliser, RMS(U) and RMS(θ)) per sharded matrix.
+
+Layouts other than dim-0 sharding or replication on a 1-D mesh (tensor parallel's Shard(1), Partial
+gradients, 2-D meshes) raise ``ValueError`` on every rank before anything moves.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+__all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
+           "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms"]
+
+_tls = threading.local()
+_DTensor: Any = None
+
+
+def _dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor``, imported once (None where torch.distributed is unavailable)."""
+    global _DTensor
+    if _DTensor is None:
+        try:
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415
+        except Exception:  # pragma: no cover - builds without torch.distributed
+            _DTensor = False
+        else:
+            _DTensor = DTensor
+    return _DTensor or None
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (cheap: no import for plain tensors)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+class Shard:
+    """The local view of one DTensor parameter: its mesh and process group, whether dim 0 is sharded
+    over more than one rank, its global shape, and its local shard (``local``, a plain tensor that
+    shares the parameter's storage)."""
+
+    __slots__ = ("param", "mesh", "placements", "group", "sharded", "global_shape", "local", "row_offset")
+
+    def __init__(self, param: Any) -> None:
+        self.param = param
+        self.mesh = param.device_mesh
+        self.placements = tuple(param.placements)
+        self.sharded = self.placements[0].is_shard() and self.mesh.size() > 1
+        self.group = self.mesh.get_group() if self.sharded else None
+        self.global_shape = torch.Size(param.shape)
+        self.local = param.to_local()
+        self.row_offset = 0
+        if self.sharded:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+
+            _, offset = compute_local_shape_and_global_offset(self.global_shape, self.mesh, self.placements)
+            self.row_offset = int(offset[0]) if len(offset) else 0
+
+    def element_offset(self) -> int:
+        """The flat (row-major) offset of the local shard's first element in the global parameter."""
+        return self.row_offset * math.prod(self.global_shape[1:]) if self.sharded else 0
+
+
+def _describe(placements: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(pl) for pl in placements) + ")"
+
+
+def layout_of(p: torch.Tensor, what: str = "parameter") -> Shard | None:
+    """``None`` for a plain tensor; a :class:`Shard` for a DTensor on a 1-D mesh placed ``Shard(0)`` or
+    ``Replicate()``; ``ValueError`` for any other layout (tensor parallel, 2-D meshes, Partial)."""
+    if not is_dtensor(p):
+        return None
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"danlu optimizers support DTensor {what}s on a 1-D device mesh (FSDP2's fully_shard); got a "
+            f"{mesh.ndim}-D mesh with placements {_describe(placements)} (HSDP, 2-D or tensor-parallel layouts "
+            "are not supported)")
+    pl = placements[0]
+    ok = pl.is_replicate() or (pl.is_shard() and (pl.dim == 0 or (p.dim() and pl.dim == -p.dim())))
+    if not ok:
+        raise ValueError(
+            f"danlu optimizers support DTensor {what}s sharded on dim 0 (FSDP2) or replicated; got placements "
+            f"{_describe(placements)} of a {what} of shape {tuple(p.shape)} (tensor parallel layouts are not "
+            "supported: their statistics would be computed per shard)")
+    return Shard(p)
+
+
+def check_layouts(name: str, work: Sequence[tuple[torch.Tensor, Any]]) -> None:
+    """Refuse, before anything moves, a DTensor parameter whose layout or gradient layout is unsupported
+    (every rank raises: all ranks hold the same layouts)."""
+    for p, _ in work:
+        if not is_dtensor(p):
+            if is_dtensor(p.grad):
+                raise ValueError(f"{name}: a plain parameter has a DTensor gradient")
+            continue
+        try:
+            layout_of(p)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        g = p.grad
+        if not is_dtensor(g) or g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+            got = _describe(g.placements) if is_dtensor(g) else type(g).__name__
+            raise ValueError(
+                f"{name}: the gradient of a DTensor parameter with placements {_describe(p.placements)} must be a "
+                f"DTensor placed the same (got {got}; a Partial gradient must be reduced before the step)")
+
+
+# --- state ----------------------------------------------------------------------------------------------
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A dict of the local shards of ``state``'s DTensor entries (sharing storage) and its other entries."""
+    return {k: (v.to_local() if is_dtensor(v) else v) for k, v in state.items()}
+
+
+def store_local_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict[str, Any],
+                      local: dict[str, Any]) -> None:
+    """Write back into ``state`` what a kernel put into ``local`` (entries it made or replaced), as DTensors
+    placed by :func:`place_state`'s rule; entries updated in place already are the DTensors' storage."""
+    for k, v in local.items():
+        old = state.get(k)
+        if old is v or (is_dtensor(old) and old.to_local() is v):
+            continue
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            state[k] = _from_local(optimizer, shard, group, k, v)
+        else:
+            state[k] = v
+
+
+def _from_local(optimizer: Any, shard: Shard, group: dict[str, Any], key: str, local: torch.Tensor) -> Any:
+    from torch.distributed.tensor import DTensor, Replicate  # noqa: PLC0415
+    from torch.distributed.tensor import Shard as DShard  # noqa: PLC0415
+
+    if not shard.sharded:
+        return DTensor.from_local(local, shard.mesh, shard.placements, run_check=False)
+    placed = _placement(optimizer, key, shard, group, local)
+    if placed == "shard":  # keeps the parameter's dim 0: as many rows as the parameter
+        shape = torch.Size((shard.global_shape[0], *local.shape[1:]))
+        return DTensor.from_local(local, shard.mesh, (DShard(0),), run_check=False, shape=shape,
+                                  stride=_contiguous_strides(shape))
+    return DTensor.from_local(local, shard.mesh, (Replicate(),), run_check=False)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _placement(optimizer: Any, key: str, shard: Shard, group: dict[str, Any], local: torch.Tensor) -> str:
+    out = optimizer._state_placement(key, shard.global_shape, group)
+    if out not in ("shard", "replicate"):
+        raise ValueError(f"{type(optimizer).__name__}._state_placement({key!r}) returned {out!r}")
+    return out
+
+
+def place_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict[str, Any]) -> None:
+    """Place fresh state (made by ``_init_state`` from the DTensor parameter) like what it describes: entries
+    shaped like the parameter keep its placement; statistics are sharded on dim 0 or replicated as the
+    optimizer's ``_state_placement`` says; 0-d entries become plain tensors."""
+    from torch.distributed.tensor import DTensor, Replicate  # noqa: PLC0415
+    from torch.distributed.tensor import Shard as DShard  # noqa: PLC0415
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: PLC0415
+
+    for k, v in list(state.items()):
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.dim() == 0:
+            if is_dtensor(v):
+                state[k] = v.full_tensor()
+            continue
+        if is_dtensor(v) and v.shape == shard.global_shape and tuple(v.placements) == shard.placements:
+            continue
+        full = v.full_tensor() if is_dtensor(v) else v
+        if not shard.sharded:
+            state[k] = DTensor.from_local(full, shard.mesh, shard.placements, run_check=False)
+            continue
+        if _placement(optimizer, k, shard, group, full) == "shard":
+            local_shape, offset = compute_local_shape_and_global_offset(full.shape, shard.mesh, (DShard(0),))
+            local = full.narrow(0, int(offset[0]), int(local_shape[0])).clone()
+            state[k] = DTensor.from_local(local, shard.mesh, (DShard(0),), run_check=False, shape=full.shape,
+                                          stride=_contiguous_strides(full.shape))
+        else:
+            state[k] = DTensor.from_local(full.clone(), shard.mesh, (Replicate(),), run_check=False)
+
+
+# --- the kernels' view ----------------------------------------------------------------------------------
+@contextmanager
+def on_shard(shard: Shard | None) -> Iterator[None]:
+    """Run a kernel on ``shard``'s local tensors: reductions and :func:`global_shape` see the shard."""
+    prev = getattr(_tls, "shard", None)
+    _tls.shard = shard
+    try:
+        yield
+    finally:
+        _tls.shard = prev
+
+
+def current() -> Shard | None:
+    """The shard a kernel runs on (None: one process, DDP, or a compiled graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    return getattr(_tls, "shard", None)
+
+
+def global_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter whose local shard is ``p`` (``p.shape`` outside a shard context)."""
+    sh = current()
+    if sh is not None and p is sh.local:
+        return sh.global_shape
+    return p.shape
+
+
+def _dims(x: torch.Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]:
+    nd = max(x.dim(), 1)
+    if dim is None:
+        return tuple(range(x.dim()))
+    if isinstance(dim, int):
+        return (dim % nd,)
+    return tuple(sorted(d % nd for d in dim))
+
+
+def _crosses(x: torch.Tensor, dim: int | Sequence[int] | None, aligned: bool) -> Shard | None:
+    sh = current()
+    if sh is None or not sh.sharded or not aligned or x.dim() == 0:
+        return None
+    return sh if 0 in _dims(x, dim) else None
+
+
+def _all_reduce(t: torch.Tensor, sh: Shard, op: str) -> torch.Tensor:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=sh.group)
+    return t
+
+
+def sum_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim: bool = False,
+             aligned: bool = True) -> torch.Tensor:
+    """``x.sum(dim, keepdim)`` (all dims for None); over the sharded dim of an aligned ``x``, of the whole
+    parameter: the local sum, all-reduced."""
+    out = x.sum() if dim is None and not keepdim else x.sum(dim=_dims(x, dim), keepdim=keepdim)
+    sh = _crosses(x, dim, aligned)
+    return out if sh is None else _all_reduce(out.contiguous(), sh, "sum")
+
+
+def _count(x: torch.Tensor, dims: tuple[int, ...], sh: Shard | None) -> int:
+    n = 1
+    for d in dims:
+        n *= sh.global_shape[0] if (sh is not None and d == 0) else x.shape[d]
+    return n
+
+
+def mean_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim: bool = False,
+              aligned: bool = True) -> torch.Tensor:
+    """``x.mean(dim, keepdim)``; over the sharded dim of an aligned ``x``: the global sum over the global count."""
+    sh = _crosses(x, dim, aligned)
+    if sh is None:
+        return x.mean() if dim is None and not keepdim else x.mean(dim=_dims(x, dim), keepdim=keepdim)
+    return sum_over(x, dim, keepdim=keepdim, aligned=aligned).div_(_count(x, _dims(x, dim), sh))
+
+
+def amax_over(x: torch.Tensor, dim: int | Sequence[int], *, keepdim: bool = False, aligned: bool = True) -> torch.Tensor:
+    """``x.amax(dim, keepdim)``; over the sharded dim of an aligned ``x``: all-reduced (an empty shard gives −inf)."""
+    sh = _crosses(x, dim, aligned)
+    if sh is None:
+        return x.amax(dim=_dims(x, dim), keepdim=keepdim)
+    if x.numel() == 0:
+        shape = [1 if d in _dims(x, dim) else n for d, n in enumerate(x.shape)]
+        out = x.new_full(shape, -math.inf)
+        if not keepdim:
+            out = out.squeeze(_dims(x, dim))
+    else:
+        out = x.amax(dim=_dims(x, dim), keepdim=keepdim)
+    return _all_reduce(out.contiguous(), sh, "max")
+
+
+def rms(x: torch.Tensor, *, aligned: bool = True) -> torch.Tensor:
+    """RMS of the whole (aligned) tensor, 0-d, accumulated in ≥ float32 (as ``numerics.rms``)."""
+    from .numerics import acc_dtype  # noqa: PLC0415
+    from .numerics import rms as plain_rms  # noqa: PLC0415
+
+    sh = _crosses(x, None, aligned)
+    if sh is None:
+        return plain_rms(x)
+    ss = x.to(acc_dtype(x)).square().sum()
+    return _all_reduce(ss, sh, "sum").div_(max(math.prod(sh.global_shape), 1)).sqrt_()

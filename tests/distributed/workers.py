@@ -1,0 +1,231 @@
+"""What the distributed tests run in their worker processes (2 CPU ranks on gloo), and the one-process
+reference they compare with.
+
+Every run trains the same small MLP (:func:`make_model`) from the same initialisation on the same global
+batch of 8 examples for a few steps: one process on the whole batch (:func:`train_single`), or each of
+``world_size`` ranks on its slice of it under DDP or FSDP2 (:func:`train_ranked`). The MLP's shapes give
+FSDP2 an uneven shard (9 rows on 2 ranks: 5 and 4), a matrix wider than tall (so Adafactor's row
+statistic keeps the sharded dim and its column statistic is reduced over it) and a layer with one row
+(rank 1's shard is empty).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import danlu
+
+SIZES = (6, 5, 9, 3, 1)
+BATCH = 8
+STEPS = 4
+
+# (name, optimizer factory name, kwargs): the configurations the distributed battery runs.
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lion": ("lion", dict(lr=1e-2, weight_decay=0.1)),
+    "lion-fused": ("lion", dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    "tiger": ("tiger", dict(lr=1e-2)),
+    "sgdm": ("sgdm", dict(lr=1e-1, weight_decay=1e-2)),
+    "adamw": ("adamw", dict(lr=1e-2, weight_decay=0.1)),
+    "adamw-accum2": ("adamw", dict(lr=1e-2, accum_steps=2)),
+    "adax": ("adax", dict(lr=1e-2)),
+    "adafactor": ("adafactor", dict(min_dim_size_to_factor=2, weight_decay=0.1)),
+    "adafactor-beta1": ("adafactor", dict(min_dim_size_to_factor=2, beta1=0.9, lr=1e-2, relative_step=False)),
+    "adafactor-unfactored": ("adafactor", dict()),
+    "amos": ("amos", dict(lr=1e-1)),
+    "amos-rows": ("amos", dict(lr=1e-1, momentum=0.9)),
+    "egd-signed": ("egd", dict(lr=1e-1, signed=True)),
+    "egd-budget": ("egd", dict(lr=1e-2, signed=True, l1_budget=10.0)),
+}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        if i:
+            layers.append(nn.Tanh())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(STEPS, BATCH, SIZES[0], generator=g)
+    y = torch.randn(STEPS, BATCH, SIZES[-1], generator=g)
+    return x, y
+
+
+def build(model: nn.Module, config: str) -> torch.optim.Optimizer:
+    name, kwargs = CONFIGS[config]
+    return danlu.create_optimizer(name, model.parameters(), **kwargs)
+
+
+def _micro(config: str) -> int:
+    return CONFIGS[config][1].get("accum_steps", 1)
+
+
+def _rows(rank: int, ws: int, j: int, k: int) -> list[int]:
+    """Rank ``rank``'s part of micro-batch ``j`` of ``k``. Micro-batch j is the same examples for every
+    world size (those with index ≡ j mod k) and rank r of ``ws`` holds the r-th ws-th of them, so a
+    checkpoint resumed on another number of ranks sees the same micro-batches."""
+    mine = list(range(j, BATCH, k))
+    per = len(mine) // ws
+    return mine[rank * per:(rank + 1) * per]
+
+
+def train_single(config: str, steps: int = STEPS, ws: int = 2) -> list[torch.Tensor]:
+    """One process on the union of the ranks' batches (the same micro-batches where the config
+    accumulates); returns the parameters after ``steps`` steps."""
+    model = make_model()
+    opt = build(model, config)
+    x, y = batch()
+    k = _micro(config)
+    for t in range(steps):
+        for j in range(k):
+            rows = [i for r in range(ws) for i in _rows(r, ws, j, k)]
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _shard_model(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, config: str, steps: range, rank: int, ws: int) -> None:
+    x, y = batch()
+    k = _micro(config)
+    for t in steps:
+        for j in range(k):
+            rows = _rows(rank, ws, j, k)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
+            opt.step()
+
+
+def train_ranked(rank: int, ws: int, config: str, mode: str) -> list[torch.Tensor]:
+    model = _shard_model(make_model(), mode)
+    opt = build(model, config)
+    _train_steps(model, opt, config, range(STEPS), rank, ws)
+    return [full(p) for p in model.parameters()]
+
+
+# --- entry points (run in every rank by tests/distributed/harness.run) ------------------------------------
+def battery(rank: int, ws: int, out: str) -> dict[str, Any]:
+    """Every config under DDP and FSDP2: {config: {"ddp": params, "fsdp": params}} (or the error text)."""
+    result: dict[str, Any] = {}
+    for config in CONFIGS:
+        result[config] = {}
+        for mode in ("ddp", "fsdp"):
+            try:
+                result[config][mode] = train_ranked(rank, ws, config, mode)
+            except Exception:
+                result[config][mode] = traceback.format_exc()
+    return result
+
+
+def _checkpoint(out: str, config: str, flatten: bool, tag: str = "") -> str:
+    return os.path.join(out, f"{config}-{'flat' if flatten else 'nested'}{tag}")
+
+
+def _options(flatten: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flatten)
+
+
+def _save(model: nn.Module, opt: torch.optim.Optimizer, path: str, flatten: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=_options(flatten))}
+    dcp.save(sd, checkpoint_id=path)
+
+
+def _load(model: nn.Module, opt: torch.optim.Optimizer, path: str, flatten: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    options = _options(flatten)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"], options=options)
+
+
+def dcp_save_resume(rank: int, ws: int, out: str, configs: list[str], split: int) -> dict[str, Any]:
+    """FSDP2 on ``ws`` ranks: train ``split`` steps and save model and optimizer with DCP under ``out``, in
+    both of DCP's optimizer layouts (nested and flattened); then go on to ``STEPS``: the uninterrupted run."""
+    result: dict[str, Any] = {}
+    for config in configs:
+        try:
+            model = _shard_model(make_model(), "fsdp")
+            opt = build(model, config)
+            _train_steps(model, opt, config, range(split), rank, ws)
+            for flatten in (False, True):
+                _save(model, opt, _checkpoint(out, config, flatten), flatten)
+            _train_steps(model, opt, config, range(split, STEPS), rank, ws)
+            result[config] = [full(p) for p in model.parameters()]
+        except Exception:
+            result[config] = traceback.format_exc()
+    return result
+
+
+def dcp_load_resume(rank: int, ws: int, out: str, configs: list[str], split: int, tag: str = "",
+                    resave: str = "") -> dict[str, Any]:
+    """FSDP2 on ``ws`` ranks (any number): for each layout, a fresh model and optimizer (other initial
+    values) loaded with DCP from the checkpoint ``tag`` names, then saved again under the tag ``resave``
+    (if given) and trained from step ``split`` to ``STEPS``: {config: {"nested"|"flat": parameters}}."""
+    result: dict[str, Any] = {}
+    for config in configs:
+        result[config] = {}
+        for flatten in (False, True):
+            try:
+                model = _shard_model(make_model(seed=123), "fsdp")
+                opt = build(model, config)
+                _load(model, opt, _checkpoint(out, config, flatten, tag), flatten)
+                if resave:
+                    _save(model, opt, _checkpoint(out, config, flatten, resave), flatten)
+                _train_steps(model, opt, config, range(split, STEPS), rank, ws)
+                result[config]["flat" if flatten else "nested"] = [full(p) for p in model.parameters()]
+            except Exception:
+                result[config]["flat" if flatten else "nested"] = traceback.format_exc()
+    return result
+
+
+ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    "battery": battery, "dcp_save_resume": dcp_save_resume, "dcp_load_resume": dcp_load_resume,
+}
+
+
+def main(rank: int, ws: int, init: str, out: str, entry: str, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=ws)
+    try:
+        result = ENTRY_POINTS[entry](rank, ws, out, *args)
+    except Exception:
+        result = {"__error__": traceback.format_exc()}
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out, f"{entry}-rank{rank}.pt"))
