@@ -25,7 +25,7 @@ WS = 2
 def _scale(config: str, ref: torch.Tensor) -> float:
     """What a parameter's error is measured against: its largest entry; for EG± with a budget U the
     budget, since θ = θ⁺ − θ⁻ with θ⁺, θ⁻ of order U (θ itself may be a small difference of them)."""
-    budget = workers.CONFIGS[config][1].get("l1_budget")
+    budget = workers.CONFIGS[config][1].get("l1_budget") if config in workers.CONFIGS else None
     return float(budget) if budget is not None else max(float(ref.abs().max()), 1e-30)
 
 
@@ -106,3 +106,63 @@ def test_dcp_reshards_two_ranks_to_one_and_back(checkpoints, config, layout):
     ref = checkpoints["uninterrupted"][config]
     _check(config, checkpoints["back_on_two"][config][layout], ref, 0.0, f"2 → 1 → 2 ({layout})")
     _check(config, checkpoints["on_one"][config][layout], ref, 1e-6, f"resumed on 1 rank ({layout})")
+
+
+# --- zeroth order ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zero_order() -> list[dict]:
+    return harness.run("zero_order", WS)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("config", list(workers.ZO_CONFIGS))
+def test_zero_order_across_ranks_equals_one_process_on_the_union(zero_order, config, mode):
+    """Each rank evaluates its own half of the batch; the loss values are averaged over the ranks, so the
+    step is one process's on the whole batch (FSDP2: each shard perturbed by its slice of the one-process
+    direction). ≤ 1e-5 relative: the estimate divides loss differences by σ = 1e-2, which scales the
+    rounding of the averaged losses (≈1e-7) up by about 10²."""
+    ref = workers.train_zo_single(config, ws=WS)
+    _check(config, zero_order[0][config][mode], ref, 1e-5, f"ZeroOrder {mode}")
+    other = zero_order[1][config][mode]
+    assert all(torch.equal(a, b) for a, b in zip(zero_order[0][config][mode], other))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("config", list(workers.ZO_CONFIGS))
+def test_zero_order_communicates_only_scalars(zero_order, config, mode):
+    """What the optimizer all-reduces per step (the model's own collectives excluded): the seeds check,
+    2·samples int64, and the loss values, one float64 each; nothing that grows with the model."""
+    kw = workers.ZO_CONFIGS[config]
+    samples = kw["samples"]
+    values = 2 * samples if kw.get("estimator", "two_sided") == "two_sided" else samples + (kw.get("baseline", "f0") == "f0")
+    traffic = zero_order[0]["traffic"][(config, mode)]
+    assert traffic["calls"] == 2 * workers.STEPS
+    assert traffic["bytes"] == workers.STEPS * (16 * samples + 8 * values)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_input() -> list[dict]:
+    return harness.run("bad_input", WS)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tensor_parallel", r"^ValueError: Lion: danlu optimizers support DTensor parameters sharded on dim 0 \(FSDP2\) "
+                        r"or replicated; got placements \(S\(1\)\)"),
+    ("two_d_mesh", r"^ValueError: Adafactor: danlu optimizers support DTensor parameters on a 1-D device mesh"),
+    ("other_seeds", r"^ValueError: ZeroOrder: the ranks drew different direction seeds"),
+    ("nonfinite_loss_on_one_rank", r"^ValueError: ZeroOrder: a rank's closure returned a non-finite loss"),
+])
+def test_bad_distributed_input_raises_on_every_rank(bad_input, case, message):
+    """An unsupported layout, different seeds, a NaN loss on one rank: the same clear error on every rank
+    (none hangs in a collective the others skipped). Layout and seed errors come before anything moves;
+    the NaN loss after the evaluations, with θ restored (by subtraction, MeZO's way: to a few ulp)."""
+    import re
+
+    for rank in range(WS):
+        text, unchanged, moved = bad_input[rank][case]
+        assert re.search(message, text), f"rank {rank}: {text}"
+        if case == "nonfinite_loss_on_one_rank":
+            assert moved <= 1e-6, f"rank {rank}: θ restored only to {moved:.1e}"
+        else:
+            assert unchanged, f"rank {rank}: {case} changed the parameters"

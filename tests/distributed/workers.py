@@ -29,10 +29,12 @@ STEPS = 4
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "lion": ("lion", dict(lr=1e-2, weight_decay=0.1)),
     "lion-fused": ("lion", dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    "lion-bf16": ("lion", dict(lr=1e-2, state_dtype=torch.bfloat16)),
     "tiger": ("tiger", dict(lr=1e-2)),
     "sgdm": ("sgdm", dict(lr=1e-1, weight_decay=1e-2)),
     "adamw": ("adamw", dict(lr=1e-2, weight_decay=0.1)),
     "adamw-accum2": ("adamw", dict(lr=1e-2, accum_steps=2)),
+    "adamw-bf16": ("adamw", dict(lr=1e-2, state_dtype=torch.bfloat16)),
     "adax": ("adax", dict(lr=1e-2)),
     "adafactor": ("adafactor", dict(min_dim_size_to_factor=2, weight_decay=0.1)),
     "adafactor-beta1": ("adafactor", dict(min_dim_size_to_factor=2, beta1=0.9, lr=1e-2, relative_step=False)),
@@ -213,8 +215,149 @@ def dcp_load_resume(rank: int, ws: int, out: str, configs: list[str], split: int
     return result
 
 
+# --- zeroth order -------------------------------------------------------------------------------------------
+ZO_CONFIGS: dict[str, dict[str, Any]] = {
+    "two-sided": dict(lr=1e-2, sigma=1e-2, samples=3, seed=7),
+    "one-sided-f0": dict(lr=1e-2, sigma=1e-2, samples=2, estimator="one_sided", seed=3, weight_decay=0.1),
+    "sphere-ranks": dict(lr=1e-2, sigma=1e-2, samples=3, distribution="sphere", estimator="one_sided",
+                         baseline="mean", fitness_shaping="centered_rank", seed=5),
+    "inner-adamw": dict(sigma=1e-2, samples=2, seed=11),
+}
+
+
+def build_zo(model: nn.Module, config: str, **extra: Any) -> danlu.ZeroOrder:
+    kwargs = {**ZO_CONFIGS[config], **extra}
+    if config == "inner-adamw":
+        return danlu.ZeroOrder(model.parameters(), optimizer=danlu.AdamW(model.parameters(), lr=1e-2), **kwargs)
+    return danlu.ZeroOrder(model.parameters(), **kwargs)
+
+
+def train_zo_single(config: str, ws: int = 2) -> list[torch.Tensor]:
+    model = make_model()
+    opt = build_zo(model, config)
+    x, y = batch()
+    for t in range(STEPS):
+        rows = [i for r in range(ws) for i in _rows(r, ws, 0, 1)]
+        opt.step(lambda: nn.functional.mse_loss(model(x[t, rows]), y[t, rows]))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+class _CountAllReduce:
+    """Count the elements and bytes ``torch.distributed.all_reduce`` moves while active."""
+
+    def __enter__(self) -> "_CountAllReduce":
+        self.calls, self.bytes, self._orig = 0, 0, dist.all_reduce
+
+        def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            self.bytes += tensor.numel() * tensor.element_size()
+            return self._orig(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dist.all_reduce = self._orig
+
+
+def zero_order(rank: int, ws: int, out: str) -> dict[str, Any]:
+    """ZeroOrder under DDP and FSDP2, each rank on its slice of the batch: {config: {mode: params}} and
+    the all-reduce traffic of the optimizer's steps (the closure's own collectives excluded)."""
+    result: dict[str, Any] = {"traffic": {}}
+    x, y = batch()
+    rows = _rows(rank, ws, 0, 1)
+    for config in ZO_CONFIGS:
+        result[config] = {}
+        for mode in ("ddp", "fsdp"):
+            try:
+                model = _shard_model(make_model(), mode)
+                opt = build_zo(model, config)
+                counted = {"calls": 0, "bytes": 0}
+                for t in range(STEPS):
+                    def closure(t: int = t) -> torch.Tensor:
+                        with _Paused(counter):
+                            return nn.functional.mse_loss(model(x[t, rows]), y[t, rows])
+
+                    with _CountAllReduce() as counter:
+                        opt.step(closure)
+                    counted["calls"] += counter.calls
+                    counted["bytes"] += counter.bytes
+                result[config][mode] = [full(p) for p in model.parameters()]
+                result["traffic"][(config, mode)] = counted
+            except Exception:
+                result[config][mode] = traceback.format_exc()
+    return result
+
+
+class _Paused:
+    """Inside the closure: the model's own collectives (FSDP2's, DDP's) are not the optimizer's."""
+
+    def __init__(self, counter: _CountAllReduce) -> None:
+        self.counter = counter
+
+    def __enter__(self) -> None:
+        self.saved = (self.counter.calls, self.counter.bytes)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.counter.calls, self.counter.bytes = self.saved
+
+
+def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
+    """What every rank raises (and whether anything changed) for inputs that must be refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    result: dict[str, Any] = {}
+
+    def attempt(name: str, make: Callable[[], tuple[list[torch.Tensor], Callable[[], Any]]]) -> None:
+        try:
+            params, go = make()
+            before = [full(p) for p in params]
+            try:
+                go()
+                result[name] = ("no error", None, None)
+            except Exception as err:  # noqa: BLE001 - the type and message are the result
+                after = [full(p) for p in params]
+                result[name] = (f"{type(err).__name__}: {err}", all(torch.equal(a, b) for a, b in zip(before, after)),
+                                max(float((a - b).abs().max()) for a, b in zip(before, after)))
+        except Exception:
+            result[name] = (traceback.format_exc(), None, None)
+
+    mesh = init_device_mesh("cpu", (ws,))
+
+    def tensor_parallel() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+        w = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+        return [w], danlu.Lion([w], lr=0.1).step
+
+    def two_d_mesh() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+        mesh2 = init_device_mesh("cpu", (1, ws), mesh_dim_names=("dp", "tp"))
+        w = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh2, [Shard(0), Shard(0)]))
+        w.grad = distribute_tensor(torch.randn(4, 6), mesh2, [Shard(0), Shard(0)])
+        return [w], danlu.Adafactor([w]).step
+
+    def other_seeds() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+        model = _shard_model(make_model(), "ddp")
+        opt = danlu.ZeroOrder(model.parameters(), lr=0.1, seed=rank)  # a different seed on each rank
+        xb, yb = batch()
+        return list(model.parameters()), lambda: opt.step(lambda: nn.functional.mse_loss(model(xb[0]), yb[0]))
+
+    def nonfinite_loss_on_one_rank() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+        model = _shard_model(make_model(), "ddp")
+        opt = danlu.ZeroOrder(model.parameters(), lr=0.1, samples=2)
+        xb, yb = batch()
+        bad = float("nan") if rank == 1 else 0.0
+        return list(model.parameters()), lambda: opt.step(lambda: nn.functional.mse_loss(model(xb[0]), yb[0]) + bad)
+
+    for name, make in [("tensor_parallel", tensor_parallel), ("two_d_mesh", two_d_mesh),
+                       ("other_seeds", other_seeds), ("nonfinite_loss_on_one_rank", nonfinite_loss_on_one_rank)]:
+        attempt(name, make)
+    return result
+
+
 ENTRY_POINTS: dict[str, Callable[..., Any]] = {
     "battery": battery, "dcp_save_resume": dcp_save_resume, "dcp_load_resume": dcp_load_resume,
+    "zero_order": zero_order, "bad_input": bad_input,
 }
 
 

@@ -44,7 +44,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
-           "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms"]
+           "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
+           "loss_group", "check_same_seeds", "average_values"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -322,3 +323,68 @@ def rms(x: torch.Tensor, *, aligned: bool = True) -> torch.Tensor:
         return plain_rms(x)
     ss = x.to(acc_dtype(x)).square().sum()
     return _all_reduce(ss, sh, "sum").div_(max(math.prod(sh.global_shape), 1)).sqrt_()
+
+
+# --- derivative-free optimizers: only scalars cross ranks --------------------------------------------
+def _initialized() -> bool:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def check_sync(name: str, sync: Any) -> None:
+    """Validate a ``sync`` option (None, True, False); ``True`` needs an initialized process group."""
+    if sync is not None and not isinstance(sync, bool):
+        raise TypeError(f"Invalid sync: {sync!r} (expected None, True or False)")
+    if sync is True and not _initialized():
+        raise ValueError(f"Invalid sync: True (expected an initialized torch.distributed process group: call "
+                         f"torch.distributed.init_process_group before building {name}, or pass sync=None)")
+
+
+def loss_group(name: str, params: Sequence[torch.Tensor], sync: bool | None) -> Any:
+    """The process group over which a derivative-free optimizer averages its loss values, or None: the
+    parameters' device mesh's (FSDP2), else the default group when torch.distributed runs with more than
+    one rank; None when ``sync`` is False or there is one rank."""
+    meshes = []
+    for p in params:
+        sh = layout_of(p)
+        if sh is not None and sh.mesh not in meshes:
+            meshes.append(sh.mesh)
+    if len(meshes) > 1:
+        raise ValueError(f"{name}: the parameters are DTensors on {len(meshes)} different device meshes (expected one)")
+    if sync is False:
+        if meshes and meshes[0].size() > 1:
+            raise ValueError(f"{name}: sync=False with sharded (FSDP2) parameters: each rank holds only its shard, "
+                             "so the ranks must average their losses (sync=None or True)")
+        return None
+    if not _initialized():
+        if sync:
+            raise ValueError(f"{name}: sync=True but torch.distributed is not initialized")
+        return None
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if meshes:
+        return meshes[0].get_group() if meshes[0].size() > 1 else None
+    return dist.group.WORLD if dist.get_world_size() > 1 else None
+
+
+def check_same_seeds(name: str, seeds: Sequence[int], group: Any) -> None:
+    """Raise ``ValueError`` on every rank unless every rank drew the same ``seeds`` (one all-reduce of
+    2·len(seeds) integers: max of s and of −s)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    t = torch.tensor(list(seeds) + [-s for s in seeds], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    n = len(seeds)
+    if any(int(t[i]) != -int(t[n + i]) for i in range(n)):
+        raise ValueError(f"{name}: the ranks drew different direction seeds this step: construct the optimizer "
+                         "with the same seed on every rank (and load the same state into each)")
+
+
+def average_values(values: Sequence[float], group: Any) -> list[float]:
+    """The mean over the ranks of each of ``values`` (float64, one all-reduce)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return (t / dist.get_world_size(group)).tolist()

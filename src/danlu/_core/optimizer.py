@@ -239,7 +239,10 @@ class DanluOptimizer(torch.optim.Optimizer):
                 continue
             local = dist_.local_state(state)
             lp, lg = shard.local, p.grad.to_local()
-            if group.get("fused") and not (shard.sharded and self._reduces_across_rows(p, group)):
+            # The fused path serves a shard whose step is elementwise and, for bfloat16 state, keyed as one
+            # process (the rounding noise of the shard's global offset): otherwise the per-tensor path.
+            if group.get("fused") and not (shard.sharded and (self._reduces_across_rows(p, group)
+                                                              or group.get("state_dtype") == torch.bfloat16)):
                 if lp.numel():  # an empty shard of an elementwise step has nothing to do
                     fused.append((lp, lg, group, local))
                     written.append((shard, group, state, local))
@@ -370,6 +373,13 @@ class DanluOptimizer(torch.optim.Optimizer):
         if key is None:
             state["sr_step"].add_(1)
             key = rounding_key(state["sr_seed"], state["sr_step"])
+            from .distributed import current  # noqa: PLC0415
+
+            shard = current()
+            if shard is not None and shard.sharded:  # an FSDP2 shard draws its slice of the whole noise
+                from .rounding import shift_key  # noqa: PLC0415
+
+                key = shift_key(key, shard.element_offset())
         for k in low & set(work):
             rounded = round_with_key(work[k].float(), key)
             if k in state:

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["hash32", "stochastic_round_to_bf16", "param_seed", "rounding_key", "round_with_key", "round_with_noise"]
+__all__ = ["hash32", "stochastic_round_to_bf16", "param_seed", "rounding_key", "shift_key", "round_with_key",
+           "round_with_noise"]
 
 _M32 = 0xFFFFFFFF
 _PHI32 = 0x9E3779B9  # the golden-ratio multiplier of Fibonacci hashing (2³²/φ)
@@ -67,6 +68,13 @@ def param_seed(group_index: int, position: int) -> torch.Tensor:
 def rounding_key(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """The 32-bit key of one rounding (a 0-d int64 in [0, 2³²)) from the parameter's seed and update count."""
     return hash32(seed.to(torch.int64) ^ hash32(step.to(torch.int64) * 0x61C88647 + 0x7F4A7C15))
+
+
+def shift_key(key: torch.Tensor, offset: int) -> torch.Tensor:
+    """The key whose noise at element i is ``key``'s noise at element ``offset + i``: (key + offset·φ) mod 2³².
+    An FSDP2 shard whose first element is element ``offset`` of the parameter rounds with it, so that it
+    draws exactly its slice of the one-process noise (for parameters below 2³¹ elements)."""
+    return (key + ((offset & 0x7FFFFFFF) * _PHI32 & _M32)) & _M32
 
 
 def _noise(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

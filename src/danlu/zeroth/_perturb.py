@@ -32,15 +32,27 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Directions:
-    """Regenerable directions over ``params`` (fixed order) drawn from per-device generators."""
+    """Regenerable directions over ``params`` (fixed order) drawn from per-device generators.
+
+    For an FSDP2 parameter (a DTensor sharded on dim 0) the direction is drawn for the whole parameter
+    and sliced to the local shard, which is what :meth:`tensors` yields (``targets``): every rank then
+    perturbs exactly its slice of the one-process direction, whatever the number of ranks. The draw
+    costs the whole parameter's sample per rank (a temporary, one tensor at a time)."""
 
     def __init__(self, params: Sequence[torch.Tensor], distribution: str = "gaussian") -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"Invalid distribution: {distribution!r} (expected one of {DISTRIBUTIONS})")
+        from .._core.distributed import layout_of  # noqa: PLC0415
+
         self.params = list(params)
         self.distribution = distribution
         self._dim = sum(p.numel() for p in self.params)
         self._sphere_cache: tuple[int, float] | None = None
+        shards = [layout_of(p) for p in self.params]
+        # (local tensor, first row, rows) of a sharded parameter; None for a whole one.
+        self._slices = [None if sh is None else (sh.local, sh.row_offset, sh.local.shape[0] if sh.local.dim() else 0)
+                        for sh in shards]
+        self.targets = [p if sl is None else sl[0] for p, sl in zip(self.params, self._slices)]
 
     def _generators(self, seed: int) -> dict[torch.device, torch.Generator]:
         gens: dict[torch.device, torch.Generator] = {}
@@ -50,12 +62,16 @@ class Directions:
         return gens
 
     def _draw(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """One tensor's sample, in float32 (or float64 for float64 parameters)."""
+        """One (whole) tensor's sample, in float32 (or float64 for float64 parameters)."""
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         if self.distribution == "rademacher":
             z = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=dtype)
             return z.mul_(2).sub_(1)
         return torch.randn(p.shape, generator=gen, device=p.device, dtype=dtype)
+
+    def _local(self, k: int, u: torch.Tensor) -> torch.Tensor:
+        sl = self._slices[k]
+        return u if sl is None else u.narrow(0, sl[1], sl[2])
 
     def _sphere_factor(self, seed: int) -> float:
         if self._sphere_cache is not None and self._sphere_cache[0] == seed:
@@ -72,11 +88,11 @@ class Directions:
         """Yield ``(param, u_param)`` for the direction of ``seed``, one tensor at a time."""
         gens = self._generators(seed)
         factor = self._sphere_factor(seed) if self.distribution == "sphere" else 1.0
-        for p in self.params:
-            u = self._draw(p, gens[p.device])
+        for k, p in enumerate(self.params):
+            u = self._local(k, self._draw(p, gens[p.device]))
             if factor != 1.0:
                 u.mul_(factor)
-            yield p, u
+            yield self.targets[k], u
 
     @torch.no_grad()
     def add_(self, seed: int, scale: float) -> None:

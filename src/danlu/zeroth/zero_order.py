@@ -131,7 +131,7 @@ def zo_coefficients(
     return [(f - b) / sigma for f, b in zip(plus, bases)]
 
 
-def _loss_value(loss: Any, where: str) -> float:
+def _loss_value(loss: Any, where: str, check_finite: bool = True) -> float:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(
@@ -148,7 +148,7 @@ def _loss_value(loss: Any, where: str) -> float:
             f"ZeroOrder: the closure must return the loss (a real number or a one-element tensor), got "
             f"{type(loss).__name__} at {where}. The parameters are restored"
         )
-    if not math.isfinite(value):
+    if check_finite and not math.isfinite(value):
         raise ValueError(
             f"ZeroOrder: the closure returned a non-finite loss ({value}) at {where}; the parameters are "
             "restored and the optimizer is unchanged"
@@ -259,7 +259,14 @@ class ZeroOrder(DanluOptimizer):
             least) these parameters that steps from ``.grad`` alone (``LBFGS`` is refused).
         weight_decay: λ ≥ 0 (default 0), decoupled, multiplied by lr; must be 0 with an inner optimizer
             (use its weight decay).
-        seed: seed of the owned generator (default 0).
+        seed: seed of the owned generator (default 0). Under DDP/FSDP2 every rank must use the same one
+            (checked at every step: different seeds raise ``ValueError`` on every rank).
+        sync: average the loss values over the ranks before the estimate (one all-reduce of O(samples)
+            floats per step, whatever the model size), so every rank takes the step of the union of
+            their data. ``None`` (default): whenever torch.distributed is initialized with more than one
+            rank (over the parameters' device mesh for FSDP2's DTensors, else the default group);
+            ``True``: required (``ValueError`` without an initialized process group); ``False``: each
+            rank steps on its own losses (replicas then drift apart).
 
     Returns (``step``): the loss at θ, i.e. the closure's own return value f(θ) when it was computed
     (one-sided with ``'f0'``), else the mean of the step's evaluations (an estimate of f_σ(θ); a
@@ -296,7 +303,12 @@ class ZeroOrder(DanluOptimizer):
         optimizer: torch.optim.Optimizer | None = None,
         weight_decay: float = 0.0,
         seed: int = 0,
+        *,
+        sync: bool | None = None,
     ) -> None:
+        from .._core.distributed import check_sync  # noqa: PLC0415
+
+        check_sync("ZeroOrder", sync)
         if optimizer is not None:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 _fail("optimizer", optimizer, "None or a torch.optim.Optimizer instance, e.g. "
@@ -318,7 +330,7 @@ class ZeroOrder(DanluOptimizer):
         self._inner = optimizer
         self._sigma = sigma
         self._settings = dict(samples=samples, estimator=estimator, distribution=distribution,
-                              baseline=baseline, fitness_shaping=fitness_shaping, seed=seed)
+                              baseline=baseline, fitness_shaping=fitness_shaping, seed=seed, sync=sync)
         self._generator = torch.Generator().manual_seed(seed)
         self.last_step: ZOStep | None = None
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
@@ -336,6 +348,8 @@ class ZeroOrder(DanluOptimizer):
     baseline = property(lambda self: self._settings["baseline"], doc="The one-sided baseline.")
     fitness_shaping = property(lambda self: self._settings["fitness_shaping"], doc="None or 'centered_rank'.")
     seed = property(lambda self: self._settings["seed"], doc="The seed the generator started from.")
+    sync = property(lambda self: self._settings.get("sync"),
+                    doc="Whether loss values are averaged over ranks (None: whenever torch.distributed runs).")
 
     @property
     def sigma(self) -> float:
@@ -394,10 +408,15 @@ class ZeroOrder(DanluOptimizer):
                 if p.requires_grad:
                     params.append(p)
                     group_of[id(p)] = group
+        from .._core.distributed import check_same_seeds, loss_group  # noqa: PLC0415
+
+        group = loss_group(type(self).__name__, params, self.sync)
         generator_state = self._generator.get_state()
         try:
             seeds = torch.randint(0, _SEED_BOUND, (self.samples,), generator=self._generator).tolist()
-            run = _Run(self, closure, params, seeds)
+            if group is not None:
+                check_same_seeds(type(self).__name__, seeds, group)
+            run = _Run(self, closure, params, seeds, group)
             coefficients, loss = run.evaluate()
             if self._inner is None:
                 run.apply_update(coefficients, group_of)
@@ -492,14 +511,15 @@ class _Run:
     """One step's evaluations: perturbs θ in place, calls the closure, restores θ on any error."""
 
     def __init__(self, opt: ZeroOrder, closure: Callable[[], Any], params: list[torch.Tensor],
-                 seeds: list[int]) -> None:
+                 seeds: list[int], group: Any = None) -> None:
         self.opt = opt
         self.closure = closure
         self.params = params
         self.seeds = seeds
+        self.group = group  # the process group whose ranks' loss values are averaged (None: this rank's)
         self.sigma = opt.sigma
         self.directions = Directions(params, opt.distribution)
-        self.snapshot = snapshot_low_precision(params)
+        self.snapshot = snapshot_low_precision(self.directions.targets)
         self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         self.current: tuple[int, float] | None = None  # (seed, scale): θ + scale·u(seed) is applied now
         self.values: list[float] = []
@@ -532,7 +552,8 @@ class _Run:
                         f"ZeroOrder: the closure changed a parameter's .grad at {where} (did it call "
                         f"backward()?). {_BACKWARD_HINT}"
                     )
-            value = _loss_value(loss, where)
+            # Across ranks a non-finite value is refused after the values are averaged, on every rank.
+            value = _loss_value(loss, where, check_finite=self.group is None)
         except BaseException:
             if self.current is not None:
                 self._move(self.current[0], 0.0)
@@ -561,6 +582,8 @@ class _Run:
                 minus.append(v)
             if i < n - 1:
                 self._move(s, 0.0)
+        if self.group is not None:
+            f0, plus, minus = self._average(f0, plus, minus)
         coefficients = zo_coefficients(plus, minus if two_sided else None, f0, sigma=sigma,
                                        baseline=opt.baseline, fitness_shaping=opt.fitness_shaping)
         if f0 is not None:
@@ -569,13 +592,32 @@ class _Run:
             return coefficients, torch.stack([t.detach().reshape(()) for t in losses]).mean()
         return coefficients, math.fsum(v for v in (plus + minus)) / len(plus + minus)
 
+    def _average(self, f0: float | None, plus: list[float], minus: list[float]) -> tuple[Any, list[float], list[float]]:
+        """Every loss value averaged over the ranks (one all-reduce); a non-finite one on any rank raises
+        on every rank, with θ restored."""
+        from .._core.distributed import average_values  # noqa: PLC0415
+
+        local = ([] if f0 is None else [f0]) + plus + minus
+        values = average_values(local, self.group)
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            if self.current is not None:
+                self._move(self.current[0], 0.0)
+            raise ValueError(
+                f"ZeroOrder: a rank's closure returned a non-finite loss (the average over ranks of value {bad + 1} "
+                f"of this step is {values[bad]}; this rank's is {local[bad]}); the parameters are restored and the "
+                "optimizer is unchanged")
+        self.values = values
+        k = 0 if f0 is None else 1
+        return (values[0] if f0 is not None else None), values[k:k + len(plus)], values[k + len(plus):]
+
     def apply_update(self, coefficients: list[float], group_of: dict[int, dict[str, Any]]) -> None:
         """θ ← θ(1 − ηλ) − (η/n)·Σ c_i u_i; the last direction's pass also undoes its perturbation."""
         n = len(self.seeds)
         last_seed = self.seeds[-1]
         applied = self.current[1] if self.current is not None else 0.0
         for k, (p, u) in enumerate(self.directions.tensors(last_seed)):
-            group = group_of[id(p)]
+            group = group_of[id(self.params[k])]
             lr, wd = float(group["lr"]), group["weight_decay"]  # a tensor lr: ZO syncs on every loss anyway
             keep = 1.0 - lr * wd
             step = -lr * coefficients[-1] / n
@@ -590,8 +632,8 @@ class _Run:
                 p.copy_(torch.add(base, u, alpha=step))
         self.current = None
         for s, c in zip(self.seeds[:-1], coefficients[:-1]):
-            for p, u in self.directions.tensors(s):
-                p.add_(u, alpha=-float(group_of[id(p)]["lr"]) * c / n)
+            for k, (p, u) in enumerate(self.directions.tensors(s)):
+                p.add_(u, alpha=-float(group_of[id(self.params[k])]["lr"]) * c / n)
 
     def write_grad(self, coefficients: list[float]) -> None:
         """.grad ← ĝ = (1/n)·Σ c_i u_i for every perturbed parameter; the first pass also restores θ."""
@@ -604,11 +646,20 @@ class _Run:
                 p.add_(u, alpha=-applied)
             else:
                 p.copy_(snap)
-            p.grad = torch.mul(u, coefficients[-1] / n).to(p.dtype)
+            grad = torch.mul(u, coefficients[-1] / n).to(p.dtype)
+            param = self.params[k]
+            if param is not p:  # an FSDP2 shard: the gradient is a DTensor placed like the parameter
+                from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+                param.grad = DTensor.from_local(grad, param.device_mesh, param.placements, run_check=False,
+                                                shape=param.shape, stride=param.stride())
+            else:
+                param.grad = grad
         self.current = None
         for s, c in zip(self.seeds[:-1], coefficients[:-1]):
-            for p, u in self.directions.tensors(s):
-                p.grad.add_(u, alpha=c / n)
+            for k, (p, u) in enumerate(self.directions.tensors(s)):
+                g = self.params[k].grad
+                (g if g is not None and p is self.params[k] else g.to_local()).add_(u, alpha=c / n)
 
 
 def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean") -> torch.Tensor:
