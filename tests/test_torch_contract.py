@@ -405,6 +405,27 @@ def test_closure_driven_optimizers_survive_dcps_state_initialisation():
             opt.step()  # a real step without a closure is still refused
 
 
+@pytest.mark.parametrize("name", [*MAKERS, "Amos-extra_l2", "Lion-decay"])
+def test_dcps_state_initialisation_moves_nothing_and_counts_nothing(name):
+    """get_optimizer_state_dict on a fresh optimizer calls step() on all-zero gradients at lr 0 to create
+    the state it then describes. That step must create the state only: no parameter moves (Amos's
+    extra_l2 pulled θ at lr 0), no update counter or accumulation window advances (they counted 1)."""
+    extra = {"Amos-extra_l2": (lambda ps: danlu.Amos(ps, lr=0.1, extra_l2=0.5), "grad"),
+             "Lion-decay": (lambda ps: danlu.Lion(ps, lr=1e-3, weight_decay=0.5), "grad")}
+    make, _ = {**MAKERS, **extra}[name]
+    model = mlp()
+    opt = make(list(model.parameters()))
+    before = params(model)
+    osd = get_optimizer_state_dict(model, opt)
+    assert_bitwise(before, params(model), "parameters after the state initialisation")
+    steps = [float(v) for st in osd["state"].values() for k, v in st.items() if k == "step"]
+    if name != "EGStepSize-torch-Adam":  # torch.optim.Adam's own counter counts that step, as without danlu
+        assert all(s == 0.0 for s in steps), steps
+    assert all(g.get("accum_micro_step", 0) == 0 for g in osd["param_groups"])
+    if not isinstance(opt, danlu.MGS):  # MGS keeps no per-parameter state of its own
+        assert osd["state"], "no state was created"
+
+
 def test_wrapper_state_dict_hooks_run():
     """Hooks registered on a wrapper never ran (its state_dict bypassed torch's machinery)."""
     model = mlp()

@@ -55,7 +55,7 @@ def test_sharded_training_equals_one_process(battery, references, config, mode):
     """DDP (replicated parameters, averaged gradients) and FSDP2 (dim-0 shards: uneven, and empty on rank 1
     for the one-row layer) give one process's parameters: ≤ 1e-6 relative for DDP, ≤ 1e-5 for FSDP2 (the
     cross-shard sums of Adafactor, Amos and EG± add in another order)."""
-    rtol = 1e-6 if mode == "ddp" else 1e-5
+    rtol = 1e-6 if mode == "ddp" and config != "zero-order" else 1e-5  # zeroth order: see the ZeroOrder tests
     _check(config, battery[0][config][mode], references[config], rtol, mode)
 
 
@@ -105,7 +105,8 @@ def test_dcp_reshards_two_ranks_to_one_and_back(checkpoints, config, layout):
     1 rank itself matches it to rounding (its gradients are sums over another split of the batch)."""
     ref = checkpoints["uninterrupted"][config]
     _check(config, checkpoints["back_on_two"][config][layout], ref, 0.0, f"2 → 1 → 2 ({layout})")
-    _check(config, checkpoints["on_one"][config][layout], ref, 1e-6, f"resumed on 1 rank ({layout})")
+    _check(config, checkpoints["on_one"][config][layout], ref, 1e-5 if config == "zero-order" else 1e-6,
+           f"resumed on 1 rank ({layout})")
 
 
 # --- zeroth order ------------------------------------------------------------------------------------------

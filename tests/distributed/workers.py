@@ -43,7 +43,17 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "amos-rows": ("amos", dict(lr=1e-1, momentum=0.9)),
     "egd-signed": ("egd", dict(lr=1e-1, signed=True)),
     "egd-budget": ("egd", dict(lr=1e-2, signed=True, l1_budget=10.0)),
+    "eg-step-size-adamw": ("eg-step-size", dict(inner="adamw", lr=1e-2, meta_lr=0.5)),
+    "eg-step-size-paper-tensor": ("eg-step-size", dict(inner="sgdm", lr=1e-1, meta_lr=0.5, form="paper",
+                                                       granularity="tensor", normalize="cosine")),
+    "gradient-penalty-lion": ("gradient-penalty", dict(inner="lion", lr=1e-2, strength=1e-2)),
+    "mgs-adamw": ("mgs", dict(inner="adamw", lr=1e-2, candidates=3, noise=0.1, seed=5, max_grad_norm=1.0)),
+    "mgs-uniform-snapshot": ("mgs", dict(inner="sgdm", lr=1e-1, candidates=2, noise=0.5, noise_scale="uniform",
+                                         restore="snapshot", q_density="exact")),
+    "zero-order": ("zero-order", dict(lr=1e-2, sigma=1e-2, samples=2, seed=3)),
 }
+# Configs whose step takes the closure (zero_grad, forward, backward, return the loss).
+CLOSURE = ("gradient-penalty",)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -81,6 +91,24 @@ def _rows(rank: int, ws: int, j: int, k: int) -> list[int]:
     return mine[rank * per:(rank + 1) * per]
 
 
+def _one_step(model: nn.Module, opt: torch.optim.Optimizer, config: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    if CONFIGS[config][0] == "zero-order":  # the loss only: ZeroOrder evaluates it at perturbed points
+        opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    elif CONFIGS[config][0] == "mgs":  # the task loss: this rank's MSE, not differentiated
+        opt.step(closure, lambda: float(nn.functional.mse_loss(model(x), y)))
+    elif CONFIGS[config][0] in CLOSURE:
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+
+
 def train_single(config: str, steps: int = STEPS, ws: int = 2) -> list[torch.Tensor]:
     """One process on the union of the ranks' batches (the same micro-batches where the config
     accumulates); returns the parameters after ``steps`` steps."""
@@ -91,9 +119,7 @@ def train_single(config: str, steps: int = STEPS, ws: int = 2) -> list[torch.Ten
     for t in range(steps):
         for j in range(k):
             rows = [i for r in range(ws) for i in _rows(r, ws, j, k)]
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
-            opt.step()
+            _one_step(model, opt, config, x[t, rows], y[t, rows])
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -119,9 +145,7 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, config: str, step
     for t in steps:
         for j in range(k):
             rows = _rows(rank, ws, j, k)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
-            opt.step()
+            _one_step(model, opt, config, x[t, rows], y[t, rows])
 
 
 def train_ranked(rank: int, ws: int, config: str, mode: str) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .optimizer import DanluOptimizer, ParamsT
+from .optimizer import DanluOptimizer, ParamsT, is_state_init_step
 from .validate import check_number
 
 __all__ = ["AccumulatingOptimizer", "FusedBackwardHandle"]
@@ -155,6 +155,9 @@ class AccumulatingOptimizer(DanluOptimizer):
         """
         loss = self._run_closure(closure)
         work = self._check_grads()
+        if closure is None and work and is_state_init_step(self):
+            self._init_states(work)  # torch.distributed.checkpoint's state initialisation: the window stays
+            return loss
         t = self._micro_step + 1
         if self.accum_steps == 1:
             self._update_all(work)  # one plain step (the fused path where a group asks for it)

@@ -45,7 +45,8 @@ import torch
 
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
-           "loss_group", "check_same_seeds", "average_values"]
+           "loss_group", "check_same_seeds", "average_values", "all_zero",
+           "shard_sum"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -388,3 +389,29 @@ def average_values(values: Sequence[float], group: Any) -> list[float]:
     t = torch.tensor(list(values), dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return (t / dist.get_world_size(group)).tolist()
+
+
+def all_zero(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is 0, decided for the whole of each FSDP2 DTensor (its shards'
+    answers combined by one all-reduce, so every rank returns the same)."""
+    nonzero = any(bool((t.to_local() if is_dtensor(t) else t).any()) for t in tensors)
+    groups = []
+    for t in tensors:
+        sh = layout_of(t, "gradient") if is_dtensor(t) else None
+        if sh is not None and sh.sharded and all(g is not sh.group for g in groups):
+            groups.append(sh.group)
+    for group in groups:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        flag = torch.tensor([1 if nonzero else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        nonzero = bool(flag.item())
+    return not nonzero
+
+
+def shard_sum(t: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """``t`` (a local partial sum over ``shard``'s parameter) summed over the ranks when the parameter is
+    sharded, in place; else ``t``."""
+    if shard is None or not shard.sharded:
+        return t
+    return _all_reduce(t, shard, "sum")

@@ -68,14 +68,20 @@ _TORCH_HYPERPARAMETERS = _known_hyperparameters()
 def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a ``step()`` without a closure is the state initialisation of
     ``torch.distributed.checkpoint``'s state-dict helpers: every lr is 0 and every parameter that
-    requires grad has an all-zero gradient. Closure-driven optimizers (GradientPenalty, MGS,
-    ZeroOrder) step their inner optimizer on it instead of refusing the missing closure; nothing
-    moves, and the state it creates is what the checkpoint then overwrites."""
+    requires grad has an all-zero gradient. On it every danlu optimizer only creates its missing state
+    (counters at 0): nothing moves, no counter or accumulation window advances (a real step at lr 0
+    would still count, and Amos's ``extra_l2`` would still pull θ). Closure-driven optimizers
+    (GradientPenalty, MGS, ZeroOrder) step their inner optimizer on it instead of refusing the
+    missing closure."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     lrs = [g["lr"] for g in optimizer.param_groups if g.get("lr") is not None]
     if not params or any(float(lr) != 0.0 for lr in lrs):
         return False
-    return all(p.grad is not None and not p.grad.is_sparse and not bool(p.grad.any()) for p in params)
+    if any(p.grad is None or p.grad.is_sparse for p in params):
+        return False
+    from .distributed import all_zero  # noqa: PLC0415
+
+    return all_zero([p.grad for p in params])  # the same answer on every rank (FSDP2 shards differ)
 
 
 def run_load_pre_hooks(optimizer: torch.optim.Optimizer, state_dict: Any) -> Any:
@@ -206,8 +212,22 @@ class DanluOptimizer(torch.optim.Optimizer):
                 with gradients enabled before the update.
         """
         loss = self._run_closure(closure)
-        self._update_all(self._check_grads())
+        work = self._check_grads()
+        if closure is None and work and is_state_init_step(self):
+            self._init_states(work)  # torch.distributed.checkpoint's state initialisation
+            return loss
+        self._update_all(work)
         return loss
+
+    def _init_states(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Create the missing state of ``work``'s parameters (as their first step would) and nothing else."""
+        for p, group in work:
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, group, state)
+                self._place_new_state(p, group, state)
+                if group.get("state_dtype") is not None:
+                    self._init_stored(p, group, state)
 
     def _update_all(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """One step for every (parameter, group) of ``work``: initialise state, then the fused path for

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from .._core.distributed import layout_of, local_state, on_shard, sum_over
 from .._core.numerics import acc_dtype, propagate_nonfinite_
 from .._core.validate import check_choice, check_number, check_optional
 from .._core.wrapper import OptimizerWrapper
@@ -296,16 +297,19 @@ class EGStepSize(OptimizerWrapper):
         e = (h * gamma).clamp_(-self.max_exponent, self.max_exponent)
         return propagate_nonfinite_(e, h).exp_()
 
-    def _hyper(self, g: torch.Tensor, a: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """H = g⊙a (summed if ``reduce``) in the accumulation dtype, and ‖g‖², ‖a‖² for the cosine."""
+    def _hyper(self, g: torch.Tensor, a: torch.Tensor, reduce: bool,
+               shard: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H = g⊙a (summed if ``reduce``) in the accumulation dtype, and ‖g‖², ‖a‖² for the cosine. On an
+        FSDP2 shard (``shard``), the sums are over the whole parameter (``danlu._core.distributed``)."""
         dt = acc_dtype(g)
         h = g.to(dt) * a.to(dt)
         one = h.new_ones(())
         if not reduce:
             return h, one, one
-        if self.normalize is None:
-            return h.sum(), one, one
-        return h.sum(), g.to(dt).square().sum(), a.to(dt).square().sum()
+        with on_shard(shard):
+            if self.normalize is None:
+                return sum_over(h), one, one
+            return sum_over(h), sum_over(g.to(dt).square()), sum_over(a.to(dt).square())
 
     def _normalized(self, h: torch.Tensor, gg: torch.Tensor, aa: torch.Tensor, reduce: bool) -> torch.Tensor:
         if self.normalize is None:
@@ -334,28 +338,38 @@ class EGStepSize(OptimizerWrapper):
             with torch.enable_grad():
                 loss = closure()
         work = self._work()
-        saved = [[p.detach().clone() for p, _ in items] for _, items in work]
+        # FSDP2 parameters are stepped on their local shards (plain tensors): (param, local θ, local g, shard).
+        local_work = []
+        for gi, items in work:
+            rows = []
+            for p, g in items:
+                shard = layout_of(p)
+                rows.append((p, g, None) if shard is None else (p, g.to_local(), shard))
+            local_work.append((gi, rows))
+        saved = [[(p if sh is None else sh.local).detach().clone() for p, _, sh in rows] for _, rows in local_work]
         self.optimizer.step()
 
         su = self.form == "su"
         gran = self.granularity
         gamma, gamma_s = self.meta_lr, self.scale_meta_lr
-        for (gi, items), olds in zip(work, saved):
-            if not items:
+        for (gi, rows), olds in zip(local_work, saved):
+            if not rows:
                 continue
-            states = []
-            for p, _ in items:
+            states, shards = [], []
+            for p, _, shard in rows:
                 state = self.state[p]
                 if ("egs_prev_grad" if su else "egs_prev_dir") not in state:
-                    self._init_state(p, state)
-                states.append(state)
+                    self._init_state(p, state)  # from a DTensor p: DTensors placed like it (0-d: plain)
+                states.append(state if shard is None else local_state(state))
+                shards.append(shard)
+            items = [(p if sh is None else sh.local, g) for p, g, sh in rows]
             gs = self._group_scalars(gi, items)
 
             # 1. the factors, from g_t and the stored direction a_{t−1}
             group_h = []
-            for (p, g), state in zip(items, states):
+            for (p, g), state, shard in zip(items, states, shards):
                 a = state["egs_prev_grad"] if su else state["egs_exp_avg"]
-                h, gg, aa = self._hyper(g, a, reduce=gran != "coordinate")
+                h, gg, aa = self._hyper(g, a, reduce=gran != "coordinate", shard=shard)
                 if gran == "group":
                     group_h.append((h, gg, aa))
                 else:
@@ -368,7 +382,8 @@ class EGStepSize(OptimizerWrapper):
                 gs["nu"].clamp_(self.nu_min, self.nu_max)
             if not su:
                 s = gs["scale"]
-                parts = [self._hyper(g, state["egs_prev_dir"], reduce=True) for (_, g), state in zip(items, states)]
+                parts = [self._hyper(g, state["egs_prev_dir"], reduce=True, shard=shard)
+                         for (_, g), state, shard in zip(items, states, shards)]
                 h, gg, aa = self._sum(parts, s)
                 s.mul_(self._exponent(-self._normalized(h, gg, aa, True), gamma_s).to(s.dtype))
                 s.clamp_(self.scale_min, self.scale_max)

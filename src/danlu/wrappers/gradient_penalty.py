@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from .._core.distributed import is_dtensor
 from .._core.optimizer import is_state_init_step
 from .._core.validate import check_choice, check_number
 from .._core.wrapper import OptimizerWrapper
@@ -42,6 +43,11 @@ def closure_gradient(closure: Callable[[], Any], params: list[torch.Tensor]) -> 
         if isinstance(loss, torch.Tensor) and loss.requires_grad and params:
             torch.autograd.backward(loss, inputs=params)
     return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s local shard if it is a DTensor (FSDP2), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 class GradientPenalty(OptimizerWrapper):
@@ -230,14 +236,16 @@ class GradientPenalty(OptimizerWrapper):
             return loss
         # Restoring from a copy rather than subtracting 2λg again makes the round trip exact in every
         # dtype (θ + εg − εg is not θ in floating point, by far not in bf16).
-        saved = [p.detach().clone() for p in shifted]
-        for p in shifted:
-            p.add_(p.grad, alpha=2.0 * self._strength)
+        # FSDP2 parameters move on their local shards (their gradients are sharded alike).
+        local = [_local(p) for p in shifted]
+        saved = [t.detach().clone() for t in local]
+        for t, p in zip(local, shifted):
+            t.add_(_local(p.grad), alpha=2.0 * self._strength)
         try:
             closure_gradient(closure, params)
         finally:
-            for p, theta in zip(shifted, saved):
-                p.copy_(theta)
+            for t, theta in zip(local, saved):
+                t.copy_(theta)
         keep = {id(p) for p in shifted}
         for p in params:
             if id(p) not in keep:

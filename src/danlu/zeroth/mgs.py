@@ -29,6 +29,8 @@ from .._core.validate import check_choice, check_number, check_optional
 from .._core.optimizer import is_state_init_step
 from .._core.wrapper import OptimizerWrapper
 from ..wrappers.gradient_penalty import closure_gradient
+from .._core.distributed import (average_values, check_same_seeds, is_dtensor, layout_of, loss_group,
+                                 shard_sum)
 from ._perturb import Directions, restore_, snapshot_low_precision
 
 __all__ = ["MGS", "sampling_step"]
@@ -123,8 +125,31 @@ def _total(terms: list[torch.Tensor]) -> float:
     return sum(float(torch.stack(ts).sum()) for ts in by_device.values())
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+def _dot(x: torch.Tensor, y: torch.Tensor, shard: Any = None) -> torch.Tensor:
+    """⟨x, y⟩ in float64; for the local shards of an FSDP2 parameter (``shard``), over the whole parameter."""
+    return shard_sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()), shard)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale ``grads`` (tensors, e.g. local shards) by min(1, max_norm/(total + 1e-6)), as
+    ``torch.nn.utils.clip_grads_with_norm_`` scales the gradients of the parameters it is given."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+
+
+def _grad_norm(params: list[torch.Tensor], shards: list[Any]) -> torch.Tensor:
+    """The global 2-norm of the gradients (torch's ``get_total_norm``; for FSDP2 shards, each parameter's
+    squared norm summed over its shards, then over the parameters)."""
+    if all(sh is None for sh in shards):
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    sq = [shard_sum(torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32).square(), sh)
+          for p, sh in zip(params, shards)]
+    return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
 
 
 class MGS(OptimizerWrapper):
@@ -290,6 +315,7 @@ class MGS(OptimizerWrapper):
         self._search = self._resolve_params(params)
         self._generator = torch.Generator().manual_seed(seed)
         self.last_step: dict[str, Any] | None = None
+        self._sync_group_rng()  # present from the start: DCP's flattened load reads the groups' own keys
 
     def _resolve_params(self, params: Iterable[Any] | None) -> list[torch.Tensor] | None:
         if params is None:
@@ -325,9 +351,27 @@ class MGS(OptimizerWrapper):
     def _entry_value(self) -> dict[str, Any]:
         return {**super()._entry_value(), "rng": self._generator.get_state()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict and MGS's entry (class, hyperparameters, generator). The
+        generator state is also the first param group's ``mgs_rng`` (refreshed here), where tools that
+        keep only ``state`` and ``param_groups`` (``torch.distributed.checkpoint``) keep it too."""
+        self._sync_group_rng()
+        return super().state_dict()
+
+    def _sync_group_rng(self) -> None:
+        if self.param_groups:
+            self.param_groups[0][self._prefix + "rng"] = self._generator.get_state()
+
     def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
         """Saved hyperparameters and generator state are checked before anything changes. A dict
         without MGS's entry (a tool that keeps only state and param_groups) keeps the generator."""
+        mine = self._generator.get_state()
+        for gi, own in own_groups.items():
+            rng = own.get("rng")
+            if set(own) != {"rng"} or gi != 0 or not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+                                                     and rng.shape == mine.shape):
+                raise ValueError(f"MGS.load_state_dict: param group {gi} has MGS entries {sorted(own)}; expected only "
+                                 f"'mgs_rng' (the uint8 generator state of shape {tuple(mine.shape)}) in group 0")
         if entry is None:
             return
         try:
@@ -343,8 +387,12 @@ class MGS(OptimizerWrapper):
                              f"of shape {tuple(mine.shape)} that MGS.state_dict() saves")
 
     def _load_own(self, entry: dict[str, Any] | None) -> None:
+        rng = self.param_groups[0].get(self._prefix + "rng") if self.param_groups else None
         if entry is not None:
             self._generator.set_state(entry["rng"].cpu())
+        elif rng is not None:  # a tool kept only state and param_groups: the generator from the group
+            self._generator.set_state(rng.cpu())
+        self._sync_group_rng()
 
     # --- the step ----------------------------------------------------------------------------------
 
@@ -359,7 +407,7 @@ class MGS(OptimizerWrapper):
         for (p, n), g in zip(self._noise(dirs, seed, scales), grads):
             yield p, (n.sub(g) if mle else n), n, g
 
-    def _score(self, task_loss: Callable[[], Any], what: str) -> float:
+    def _score(self, task_loss: Callable[[], Any], what: str, check_finite: bool = True) -> float:
         value = task_loss()
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
@@ -369,31 +417,32 @@ class MGS(OptimizerWrapper):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"MGS: task_loss() must return a number, got {type(value).__name__} at {what}")
         value = float(value)
-        if not math.isfinite(value):
+        if check_finite and not math.isfinite(value):
             raise RuntimeError(f"MGS: task_loss() returned {value} at {what}; the parameters are restored "
                                "and nothing was stepped")
         return value
 
-    def _score_candidate(self, task_loss, dirs, seed, mle, grads, scales, omegas, snapshot):
+    def _score_candidate(self, task_loss, dirs, seed, mle, grads, scales, omegas, snapshot, shards, synced):
         """c(θ + ε) by perturbing in place and restoring; also Σω n·n and Σω n·∇ for log q."""
         nn_terms: list[torch.Tensor] = []
         ng_terms: list[torch.Tensor] = []
         done = 0
         try:
-            for (p, eps, n, g), w in zip(self._epsilons(dirs, seed, mle, grads, scales), omegas):
+            for (p, eps, n, g), w, sh in zip(self._epsilons(dirs, seed, mle, grads, scales), omegas, shards):
                 p.add_(eps)
                 done += 1
                 if w is not None:
-                    nn_terms.append(w * _dot(n, n))
-                    ng_terms.append(w * _dot(n, g))
-            return self._score(task_loss, f"candidate seed {seed}"), _total(nn_terms), _total(ng_terms)
+                    nn_terms.append(w * _dot(n, n, sh))
+                    ng_terms.append(w * _dot(n, g, sh))
+            value = self._score(task_loss, f"candidate seed {seed}", check_finite=not synced)
+            return value, _total(nn_terms), _total(ng_terms)
         finally:
             if any(snap is None for snap in snapshot[:done]):
                 replay = self._epsilons(dirs, seed, mle, grads, scales)
                 for (p, eps, _, _), snap in zip(replay, snapshot[:done]):
                     if snap is None:
                         p.sub_(eps)
-            restore_(dirs.params[:done], snapshot[:done])
+            restore_(dirs.targets[:done], snapshot[:done])
 
     def _log_q(self, mle: list[bool], nn: list[float], ng: list[float], aa: float) -> torch.Tensor | None:
         """log q(ε_i) up to a constant: log[π·e^{−½‖ε−a‖²} + (1−π)·e^{−½‖ε‖²}] with ω-weighted norms."""
@@ -452,20 +501,23 @@ class MGS(OptimizerWrapper):
         with_grad = [p for p in trainable if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("MGS does not support sparse gradients (it perturbs parameters densely)")
-        grads_all = [p.grad for p in with_grad]
-        total = torch.nn.utils.get_total_norm(grads_all)
+        # FSDP2 parameters: every vector operation below is on the local shards; norms and inner products
+        # sum over the shards (danlu._core.distributed), the task losses are averaged over the ranks.
+        shard_of = {id(p): layout_of(p) for p in with_grad}
+        total = _grad_norm(with_grad, [shard_of[id(p)] for p in with_grad])
         if not math.isfinite(float(total)):
             raise RuntimeError(f"MGS: the surrogate gradient is not finite (norm {float(total)}); "
                                "nothing was changed")
-        if self.max_grad_norm is not None and grads_all:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, self.max_grad_norm, total)
+        if self.max_grad_norm is not None and with_grad:
+            _clip_([_local(p.grad) for p in with_grad], self.max_grad_norm, total)
 
         active = [p for p in searched if p.grad is not None]
         if not active:
             self.last_step = None
             self.optimizer.step()
             return loss
-        grads = [p.grad for p in active]
+        grads = [_local(p.grad) for p in active]
+        shards = [shard_of[id(p)] for p in active]
         # The surrogate gradients (a = −∇ for the searched params) are held here while the candidates
         # are scored, out of reach of a task_loss that zeroes or accumulates .grad.
         held = [(p, p.grad) for p in with_grad]
@@ -473,7 +525,7 @@ class MGS(OptimizerWrapper):
         for p in with_grad:
             p.grad = None
         try:
-            log_w, mle, seeds, scales, info = self._search_step(task_loss, active, grads)
+            log_w, mle, seeds, scales, info = self._search_step(task_loss, active, grads, shards)
         except BaseException:
             self._generator.set_state(rng_state)
             raise
@@ -492,17 +544,19 @@ class MGS(OptimizerWrapper):
                 acc.add_(n, alpha=wi)
             g.mul_(w_mle).sub_(acc)
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(active, self.max_grad_norm)
+            norm = _grad_norm(active, shards)
+            _clip_(grads, self.max_grad_norm, norm)
         self.optimizer.step()
         self.last_step = {**info, "weights": w, "mle": mle}
         return loss
 
-    def _search_step(self, task_loss, active, grads):
+    def _search_step(self, task_loss, active, grads, shards):
         """Score c₀ and the K candidates; return (log w, mle flags, seeds, per-tensor noise scales, info)."""
         sigma = self.noise
         if self.noise_scale == "uniform":
-            scales = [sigma * torch.sum(g.abs(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-                      / max(g.numel(), 1) for g in grads]
+            scales = [sigma * shard_sum(torch.sum(g.abs(), dtype=torch.float64 if g.dtype == torch.float64
+                                                  else torch.float32), sh)
+                      / max(p.numel(), 1) for p, g, sh in zip(active, grads, shards)]
         else:
             scales = [torch.tensor(sigma, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32,
                                    device=g.device) for g in grads]
@@ -512,28 +566,39 @@ class MGS(OptimizerWrapper):
             omegas = [1.0] * len(active)
         else:  # 'exact': ‖·‖² in units of each tensor's noise variance; noise-free tensors drop out
             omegas = [torch.where(s > 0, 1.0 / s.double().square(), 0.0) for s in scales]
-        aa = _total([w * _dot(g, g) for g, w in zip(grads, omegas) if w is not None])
+        aa = _total([w * _dot(g, g, sh) for g, w, sh in zip(grads, omegas, shards) if w is not None])
 
+        dirs = Directions(active)
         if self.restore == "snapshot":
-            snapshot: list[torch.Tensor | None] = [p.detach().clone() for p in active]
+            snapshot: list[torch.Tensor | None] = [t.detach().clone() for t in dirs.targets]
         else:
-            snapshot = snapshot_low_precision(active)
-        c0 = self._score(task_loss, "θ (c₀)")
+            snapshot = snapshot_low_precision(dirs.targets)
+        group = loss_group(type(self).__name__, active, None)  # task losses averaged over these ranks
+        c0 = self._score(task_loss, "θ (c₀)", check_finite=group is None)
         k = self.candidates
         # Below 2³²: the CPU generator (mt19937) keeps only the low 32 bits of a seed, so wider seeds
         # would only add collisions between candidates that differ above bit 32.
         seeds = torch.randint(0, 2**32, (k,), generator=self._generator).tolist()
+        if group is not None:
+            check_same_seeds(type(self).__name__, seeds, group)
         if self.assignment == "alternate":
             mle = [_is_mle(i, self.mix) for i in range(k)]
         else:
             mle = (torch.rand(k, generator=self._generator, dtype=torch.float64) < self.mix).tolist()
-        dirs = Directions(active)
         costs, nn, ng = [], [], []
         for seed, m in zip(seeds, mle):
-            c, n2, ng_ = self._score_candidate(task_loss, dirs, seed, m, grads, scales, omegas, snapshot)
+            c, n2, ng_ = self._score_candidate(task_loss, dirs, seed, m, grads, scales, omegas, snapshot, shards,
+                                               group is not None)
             costs.append(c)
             nn.append(n2)
             ng.append(ng_)
+        if group is not None:  # every rank scored its own data: the step uses the mean over the ranks
+            local = [c0, *costs]
+            c0, *costs = average_values(local, group)
+            bad = next((v for v in [c0, *costs] if not math.isfinite(v)), None)
+            if bad is not None:
+                raise RuntimeError(f"MGS: task_loss() was not finite on some rank (mean over the ranks {bad}; this "
+                                   f"rank's values {local}); the parameters are restored and nothing was stepped")
         # β·(c₀ − c_i) in float64; a product beyond the float64 range saturates (ties stay ties).
         big = torch.finfo(torch.float64).max
         gains = (self.beta * (c0 - torch.tensor(costs, dtype=torch.float64))).clamp(-big, big)

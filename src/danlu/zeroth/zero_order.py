@@ -26,6 +26,7 @@ from ._perturb import DISTRIBUTIONS, Directions, snapshot_low_precision
 __all__ = ["ZeroOrder", "ZOStep", "reinforce_loss"]
 
 _ENTRY = "danlu_zero_order"
+_GROUP_RNG, _GROUP_SIGMA = "zo_generator", "zo_sigma"  # the same, in param group 0 (see ZeroOrder.state_dict)
 _ESTIMATORS = ("two_sided", "one_sided")
 _BASELINES = ("f0", "mean", "leave_one_out")
 _SHAPINGS = (None, "centered_rank")
@@ -334,6 +335,7 @@ class ZeroOrder(DanluOptimizer):
         self._generator = torch.Generator().manual_seed(seed)
         self.last_step: ZOStep | None = None
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self._sync_group_keys()  # present from the start: DCP's flattened load reads the groups' own keys
 
     # --- hyperparameters ----------------------------------------------------------------------------
     @property
@@ -440,12 +442,38 @@ class ZeroOrder(DanluOptimizer):
             "shapes": self._shapes(),
         }
 
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout plus ZeroOrder's entry (generator, σ, inner optimizer, shapes). The generator
+        state and σ are also the first param group's ``zo_generator`` and ``zo_sigma`` (refreshed here),
+        where tools that keep only ``state`` and ``param_groups`` (``torch.distributed.checkpoint``,
+        whose flattened load reads only the keys the live groups have) keep them too."""
+        self._sync_group_keys()
+        return super().state_dict()
+
+    def _sync_group_keys(self) -> None:
+        if self.param_groups:
+            self.param_groups[0][_GROUP_RNG] = self._generator.get_state()
+            self.param_groups[0][_GROUP_SIGMA] = self._sigma
+
     def _shapes(self) -> list[list[list[int]]]:
         return [[list(p.shape) for p in g["params"]] for g in self.param_groups]
 
     def _check_state_dict(self, sd: Any) -> None:
         me = type(self).__name__
         entry = sd.get(_ENTRY) if isinstance(sd, dict) else None
+        groups = sd.get("param_groups") if isinstance(sd, dict) else None
+        last = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+        if _GROUP_RNG in last or _GROUP_SIGMA in last:
+            gen = last.get(_GROUP_RNG)
+            if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8
+                    and gen.shape == self._generator.get_state().shape):
+                raise ValueError(f"{me}.load_state_dict: {_GROUP_RNG!r} in param group 0 is not the uint8 generator "
+                                 f"state of shape {tuple(self._generator.get_state().shape)}")
+            try:
+                _check_sigma(last.get(_GROUP_SIGMA))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{me}.load_state_dict: {_GROUP_SIGMA!r} in param group 0: {err}") from err
         if entry is not None:
             gen = entry.get("generator") if isinstance(entry, dict) else None
             if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8
@@ -483,12 +511,21 @@ class ZeroOrder(DanluOptimizer):
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
         entry = state_dict.get(_ENTRY)
+        groups = state_dict["param_groups"]
+        if entry is None and groups and _GROUP_RNG in groups[0]:
+            # Saved through a tool that keeps only state and param_groups: the generator and σ from there.
+            self._generator.set_state(groups[0][_GROUP_RNG].clone().cpu())
+            self._sigma = float(groups[0][_GROUP_SIGMA])
         if entry is not None:
             if self._inner is not None:
                 # First: the inner optimizer's own checks may still refuse, with nothing changed yet.
                 self._inner.load_state_dict(entry["inner"])
             self._generator.set_state(entry["generator"].clone())
             self._sigma = float(entry["sigma"])
+
+    def _after_load(self) -> None:
+        super()._after_load()
+        self._sync_group_keys()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
