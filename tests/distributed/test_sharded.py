@@ -167,3 +167,16 @@ def test_bad_distributed_input_raises_on_every_rank(bad_input, case, message):
             assert moved <= 1e-6, f"rank {rank}: θ restored only to {moved:.1e}"
         else:
             assert unchanged, f"rank {rank}: {case} changed the parameters"
+
+
+def test_collectives_are_bucketed_across_tensors():
+    """One FSDP2 step's all-reduces (the model's own excluded): the k-th reduction of every tensor's
+    kernel goes in one call, so a step costs as many calls as the kernel with the most reductions
+    (Adafactor: the statistic over rows, the row-mean normaliser, RMS(U), RMS(θ)), not that per tensor;
+    elementwise optimizers none."""
+    counts = harness.run("collectives", WS)[0]
+    assert counts["lion"]["calls"] == 0
+    assert 1 <= counts["adafactor"]["calls"] <= 4, counts
+    assert 1 <= counts["adafactor-beta1"]["calls"] <= 4, counts
+    assert counts["amos"]["calls"] == 1, counts  # the biases' v: a mean over their only (sharded) dim
+    assert counts["egd-budget"]["calls"] <= 2, counts  # Σθ and Σθ⁻ of every tensor

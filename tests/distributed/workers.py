@@ -51,7 +51,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mgs-uniform-snapshot": ("mgs", dict(inner="sgdm", lr=1e-1, candidates=2, noise=0.5, noise_scale="uniform",
                                          restore="snapshot", q_density="exact")),
     "zero-order": ("zero-order", dict(lr=1e-2, sigma=1e-2, samples=2, seed=3)),
+    # Gradients accumulated in .grad over 2 micro-batches, synchronized on the last only (DDP's no_sync,
+    # FSDP2's set_requires_gradient_sync(False)), then one step: the way to save that communication.
+    "tiger-no-sync": ("tiger", dict(lr=1e-2)),
+    "adamw-no-sync": ("adamw", dict(lr=1e-2, weight_decay=0.1)),
 }
+NO_SYNC_MICRO = 2  # micro-batches of the *-no-sync configs
 # Configs whose step takes the closure (zero_grad, forward, backward, return the loss).
 CLOSURE = ("gradient-penalty",)
 
@@ -117,10 +122,32 @@ def train_single(config: str, steps: int = STEPS, ws: int = 2) -> list[torch.Ten
     x, y = batch()
     k = _micro(config)
     for t in range(steps):
+        if config.endswith("-no-sync"):
+            _accumulate_then_step(model, opt, [[i for r in range(ws) for i in _rows(r, ws, j, NO_SYNC_MICRO)]
+                                               for j in range(NO_SYNC_MICRO)], x[t], y[t], None)
+            continue
         for j in range(k):
             rows = [i for r in range(ws) for i in _rows(r, ws, j, k)]
             _one_step(model, opt, config, x[t, rows], y[t, rows])
     return [p.detach().clone() for p in model.parameters()]
+
+
+def _accumulate_then_step(model: nn.Module, opt: torch.optim.Optimizer, micro: list[list[int]], x: torch.Tensor,
+                          y: torch.Tensor, mode: str | None) -> None:
+    """Sum the micro-batches' gradients in .grad (synchronized across ranks on the last only), one step."""
+    import contextlib
+
+    opt.zero_grad()
+    for j, rows in enumerate(micro):
+        last = j == len(micro) - 1
+        ctx: Any = contextlib.nullcontext()
+        if mode == "ddp" and not last:
+            ctx = model.no_sync()
+        elif mode == "fsdp":
+            model.set_requires_gradient_sync(last)
+        with ctx:
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+    opt.step()
 
 
 def _shard_model(model: nn.Module, mode: str) -> nn.Module:
@@ -142,7 +169,12 @@ def full(p: torch.Tensor) -> torch.Tensor:
 def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, config: str, steps: range, rank: int, ws: int) -> None:
     x, y = batch()
     k = _micro(config)
+    mode = "ddp" if isinstance(model, nn.parallel.DistributedDataParallel) else "fsdp"
     for t in steps:
+        if config.endswith("-no-sync"):
+            _accumulate_then_step(model, opt, [_rows(rank, ws, j, NO_SYNC_MICRO) for j in range(NO_SYNC_MICRO)],
+                                  x[t], y[t], mode)
+            continue
         for j in range(k):
             rows = _rows(rank, ws, j, k)
             _one_step(model, opt, config, x[t, rows], y[t, rows])
@@ -379,7 +411,25 @@ def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
     return result
 
 
+def collectives(rank: int, ws: int, out: str) -> dict[str, Any]:
+    """All-reduce calls of one FSDP2 step (after the first) per config: the optimizer's collectives are
+    bucketed, so their number does not grow with the number of sharded tensors."""
+    result: dict[str, Any] = {}
+    x, y = batch()
+    for config in ("adafactor", "adafactor-beta1", "amos", "egd-budget", "lion"):
+        model = _shard_model(make_model(), "fsdp")
+        opt = build(model, config)
+        _train_steps(model, opt, config, range(1), rank, ws)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[1, _rows(rank, ws, 0, 1)]), y[1, _rows(rank, ws, 0, 1)]).backward()
+        with _CountAllReduce() as counter:
+            opt.step()
+        result[config] = {"calls": counter.calls, "bytes": counter.bytes}
+    return result
+
+
 ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    "collectives": collectives,
     "battery": battery, "dcp_save_resume": dcp_save_resume, "dcp_load_resume": dcp_load_resume,
     "zero_order": zero_order, "bad_input": bad_input,
 }

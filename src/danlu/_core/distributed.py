@@ -25,10 +25,13 @@ parameter:
   is replicated; 0-d entries (``step``) stay plain tensors, as torch.optim's. So
   ``torch.distributed.checkpoint`` saves and reshards the state like the parameters.
 
-A rank whose shard is empty still runs the kernel on its empty tensors, so it joins every collective;
-all ranks issue the collectives in the same order (parameter order). The collectives are per tensor
-(not yet bucketed across tensors): a factored Adafactor step costs three to four all-reduces of a
-statistic's size (the column statistic, the row-mean normaliser, RMS(U) and RMS(θ)) per sharded matrix.
+A rank whose shard is empty still runs the kernel on its empty tensors, so it joins every collective.
+The collectives are bucketed (:func:`run_bucketed`): the kernels of one step run side by side, each up
+to its next collective, and the k-th collective of every kernel is one all-reduce of their
+concatenation. A factored Adafactor step thus costs three to four all-reduces per step in all (the
+statistic over rows, the row-mean normaliser, RMS(U), RMS(θ)), not per sharded matrix; their size is
+the sum of the statistics'. Every rank runs the same kernels with the same sequence of collectives
+(their shapes are global), so the rounds match across ranks.
 
 Layouts other than dim-0 sharding or replication on a 1-D mesh (tensor parallel's Shard(1), Partial
 gradients, 2-D meshes) raise ``ValueError`` on every rank before anything moves.
@@ -46,7 +49,7 @@ import torch
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
            "loss_group", "check_same_seeds", "average_values", "all_zero",
-           "shard_sum"]
+           "shard_sum", "run_bucketed"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -268,10 +271,102 @@ def _crosses(x: torch.Tensor, dim: int | Sequence[int] | None, aligned: bool) ->
 
 
 def _all_reduce(t: torch.Tensor, sh: Shard, op: str) -> torch.Tensor:
+    bucket = getattr(_tls, "bucket", None)
+    if bucket is not None:  # a kernel run by run_bucketed: joins the round's flat collective
+        return bucket[0].submit(bucket[1], t, sh.group, op)
     import torch.distributed as dist  # noqa: PLC0415
 
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=sh.group)
     return t
+
+
+class _Rounds:
+    """The coordinator of :func:`run_bucketed`: each kernel thread blocks at its next collective; once every
+    unfinished kernel is blocked (or done), the pending tensors of each (group, op, dtype, device) are
+    reduced in one all-reduce of their concatenation, in kernel order, and the kernels resume."""
+
+    def __init__(self, n: int) -> None:
+        self.cond = threading.Condition()
+        self.pending: dict[int, tuple[torch.Tensor, Any, str]] = {}
+        self.done: set[int] = set()
+        self.released: set[int] = set()
+        self.n = n
+
+    def submit(self, i: int, t: torch.Tensor, group: Any, op: str) -> torch.Tensor:
+        with self.cond:
+            self.pending[i] = (t, group, op)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: i in self.released)
+            self.released.discard(i)
+        return t
+
+    def finish(self, i: int) -> None:
+        with self.cond:
+            self.done.add(i)
+            self.cond.notify_all()
+
+    def drive(self) -> None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: len(self.pending) + len(self.done) == self.n)
+                if not self.pending:
+                    return
+                batch = sorted(self.pending.items())
+                self.pending = {}
+            buckets: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+            for i, (t, group, op) in batch:
+                buckets.setdefault((id(group), op, t.dtype, t.device), []).append((i, t))
+            groups = {id(g): g for _, (_, g, _) in batch}
+            for (gid, op, _, _), items in buckets.items():
+                flat = torch.cat([t.reshape(-1) for _, t in items])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=groups[gid])
+                offset = 0
+                for _, t in items:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+            with self.cond:
+                self.released.update(i for i, _ in batch)
+                self.cond.notify_all()
+
+
+def run_bucketed(tasks: Sequence[tuple[Shard, Any]]) -> None:
+    """Run ``tasks`` ((shard, fn): ``fn()`` runs one kernel on ``shard``'s local tensors), their collectives
+    bucketed: the k-th collective of every kernel is reduced in one all-reduce (per dtype and op) instead of
+    one each. Every rank runs the same kernels with the same sequence of collectives (their shapes are
+    global), so the rounds match across ranks. Kernels run in threads; the first error is re-raised after
+    all have finished."""
+    if len(tasks) <= 1:
+        for shard, fn in tasks:
+            with on_shard(shard):
+                fn()
+        return
+    rounds = _Rounds(len(tasks))
+    errors: list[tuple[int, BaseException]] = []
+    grad_enabled = torch.is_grad_enabled()
+
+    def body(i: int, shard: Shard, fn: Any) -> None:
+        _tls.bucket = (rounds, i)
+        try:
+            with torch.set_grad_enabled(grad_enabled), on_shard(shard):
+                fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append((i, err))
+        finally:
+            _tls.bucket = None
+            rounds.finish(i)
+
+    threads = [threading.Thread(target=body, args=(i, sh, fn), daemon=True) for i, (sh, fn) in enumerate(tasks)]
+    for th in threads:
+        th.start()
+    try:
+        rounds.drive()
+    finally:
+        for th in threads:
+            th.join()
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
 
 
 def sum_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim: bool = False,

@@ -237,6 +237,7 @@ class DanluOptimizer(torch.optim.Optimizer):
 
         sharded = any(dist_.is_dtensor(p) for p, _ in work)  # layouts checked by _check_grads
         fused = []
+        bucketed: list[tuple[Any, Callable[[], None]]] = []
         written: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         for p, group in work:
             state = self.state[p]
@@ -268,10 +269,11 @@ class DanluOptimizer(torch.optim.Optimizer):
                     written.append((shard, group, state, local))
                 continue
             # The per-tensor kernel on the local shards; a rank with an empty shard runs it too, so that it
-            # joins the kernel's collectives.
-            with dist_.on_shard(shard):
-                self._update_stored(lp, lg, local, group)
-            dist_.store_local_state(self, shard, group, state, local)
+            # joins the kernel's collectives (bucketed over the step's kernels, below).
+            bucketed.append((shard, lambda lp=lp, lg=lg, local=local, group=group: self._update_stored(lp, lg, local, group)))
+            written.append((shard, group, state, local))
+        if bucketed:
+            dist_.run_bucketed(bucketed)
         if fused:
             driver = self.__dict__.get("_fused_steps")
             if driver is None:
