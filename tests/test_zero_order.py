@@ -743,3 +743,20 @@ def test_load_state_dict_refuses_foreign_or_malformed_dicts_unchanged():
             opt.load_state_dict(sd)
         assert_same_tree(before, opt.state_dict())
     opt.load_state_dict(good)
+
+
+def test_sync_option_needs_a_process_group():
+    """sync=True (average the losses over ranks) without torch.distributed initialized is refused at
+    construction; a non-bool is a TypeError; the default (None) and False run on one process."""
+    import torch.distributed as dist
+
+    assert not (dist.is_available() and dist.is_initialized())
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"^Invalid sync: True \(expected an initialized torch\.distributed"):
+        ZeroOrder([p], lr=0.1, sync=True)
+    with pytest.raises(TypeError, match=r"^Invalid sync: 'yes' \(expected None, True or False\)$"):
+        ZeroOrder([p], lr=0.1, sync="yes")
+    for sync in (None, False):
+        opt = ZeroOrder([p], lr=0.1, sync=sync)
+        assert opt.sync is sync
+        opt.step(lambda: (p * p).sum())

@@ -153,16 +153,20 @@ def bad_input() -> list[dict]:
     ("two_d_mesh", r"^ValueError: Adafactor: danlu optimizers support DTensor parameters on a 1-D device mesh"),
     ("other_seeds", r"^ValueError: ZeroOrder: the ranks drew different direction seeds"),
     ("nonfinite_loss_on_one_rank", r"^ValueError: ZeroOrder: a rank's closure returned a non-finite loss"),
+    # DCP's own planner refuses these on every rank before anything is loaded (danlu's checks come after).
+    ("checkpoint_of_another_optimizer", r"^CheckpointException: .*Missing key in checkpoint state_dict: optim\.state"),
+    ("checkpoint_of_another_shape", r"^CheckpointException: .*[Ss]ize mismatch"),
 ])
 def test_bad_distributed_input_raises_on_every_rank(bad_input, case, message):
-    """An unsupported layout, different seeds, a NaN loss on one rank: the same clear error on every rank
-    (none hangs in a collective the others skipped). Layout and seed errors come before anything moves;
-    the NaN loss after the evaluations, with θ restored (by subtraction, MeZO's way: to a few ulp)."""
+    """An unsupported layout, different seeds, a NaN loss on one rank, a checkpoint of another optimizer or
+    shape: the same clear error on every rank (none hangs in a collective the others skipped). Layout,
+    seed and checkpoint errors come before anything moves; the NaN loss after the evaluations, with θ
+    restored (by subtraction, MeZO's way: to a few ulp)."""
     import re
 
     for rank in range(WS):
         text, unchanged, moved = bad_input[rank][case]
-        assert re.search(message, text), f"rank {rank}: {text}"
+        assert re.search(message, text, re.S), f"rank {rank}: {text}"
         if case == "nonfinite_loss_on_one_rank":
             assert moved <= 1e-6, f"rank {rank}: θ restored only to {moved:.1e}"
         else:

@@ -372,9 +372,10 @@ def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
             try:
                 go()
                 result[name] = ("no error", None, None)
-            except Exception as err:  # noqa: BLE001 - the type and message are the result
+            except BaseException as err:  # noqa: BLE001 - the type and message are the result (DCP: CheckpointException)
                 after = [full(p) for p in params]
-                result[name] = (f"{type(err).__name__}: {err}", all(torch.equal(a, b) for a, b in zip(before, after)),
+                detail = " ".join(str(e) for e in getattr(err, "failures", {}).values())  # DCP's, per rank
+                result[name] = (f"{type(err).__name__}: {err} {detail}".strip(), all(torch.equal(a, b) for a, b in zip(before, after)),
                                 max(float((a - b).abs().max()) for a, b in zip(before, after)))
         except Exception:
             result[name] = (traceback.format_exc(), None, None)
@@ -405,10 +406,32 @@ def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
         bad = float("nan") if rank == 1 else 0.0
         return list(model.parameters()), lambda: opt.step(lambda: nn.functional.mse_loss(model(xb[0]), yb[0]) + bad)
 
+    def load_for(saved: str, loaded: str, **shape: Any) -> Callable[[], tuple[list[torch.Tensor], Callable[[], Any]]]:
+        """A DCP checkpoint of ``saved`` (FSDP2, 1 step) loaded into a fresh ``loaded`` optimizer."""
+
+        def make() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+            model = _shard_model(make_model(), "fsdp")
+            opt = build(model, saved)
+            _train_steps(model, opt, saved, range(1), rank, ws)
+            path = os.path.join(out, f"bad-{saved}")
+            _save(model, opt, path, False)
+            other = _shard_model(make_model() if not shape else _wider_model(), "fsdp")
+            other_opt = build(other, loaded)
+            return list(other.parameters()), lambda: _load(other, other_opt, path, False)
+
+        return make
+
     for name, make in [("tensor_parallel", tensor_parallel), ("two_d_mesh", two_d_mesh),
-                       ("other_seeds", other_seeds), ("nonfinite_loss_on_one_rank", nonfinite_loss_on_one_rank)]:
+                       ("other_seeds", other_seeds), ("nonfinite_loss_on_one_rank", nonfinite_loss_on_one_rank),
+                       ("checkpoint_of_another_optimizer", load_for("adafactor", "adamw")),
+                       ("checkpoint_of_another_shape", load_for("adamw", "adamw", wider=True))]:
         attempt(name, make)
     return result
+
+
+def _wider_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(SIZES[0], 7), nn.Tanh(), nn.Linear(7, SIZES[-1]))
 
 
 def collectives(rank: int, ws: int, out: str) -> dict[str, Any]:
