@@ -206,6 +206,7 @@ ADAFACTOR = OptimSpec(
     bad=_lr_weight_decay_cases()
     + [
         Bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, inf\]\)$"),
+        Bad({"shard_statistics": "global"}, ValueError, r"^Invalid shard_statistics: 'global' \(expected 'exact' or 'local'\)$"),
         Bad({"decay_rate": -0.8}, ValueError, r"^Invalid decay_rate: -0\.8 "),
         Bad({"eps": (-1e-30, 1e-3)}, ValueError, r"^Invalid eps\[0\]: -1e-30 \(expected a number in \[0, inf\]\)$"),
         Bad({"eps": (1e-30, -1e-3)}, ValueError, r"^Invalid eps\[1\]: -0\.001 \(expected a number in \[0, inf\]\)$"),
@@ -241,6 +242,7 @@ AMOS = OptimSpec(
     bad=[
         Bad({"lr": -0.1}, ValueError, r"^Invalid lr: -0\.1 \(expected a number in \[0, inf\]\)$"),
         Bad({"lr": None}, TypeError, r"^Invalid lr: None \(expected a real number\)$"),
+        Bad({"shard_statistics": None}, ValueError, r"^Invalid shard_statistics: None \(expected 'exact' or 'local'\)$"),
         # Amos has no weight_decay: its decay is adaptive; extra_l2 is the extra L2 term.
         Bad({"weight_decay": 0.1}, TypeError, r"unexpected keyword argument 'weight_decay'", in_group=False),
         Bad({"extra_l2": -0.1}, ValueError, r"^Invalid extra_l2: -0\.1 \(expected a number in \[0, inf\]\)$"),

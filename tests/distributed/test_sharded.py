@@ -184,3 +184,72 @@ def test_collectives_are_bucketed_across_tensors():
     assert 1 <= counts["adafactor-beta1"]["calls"] <= 4, counts
     assert counts["amos"]["calls"] == 1, counts  # the biases' v: a mean over their only (sharded) dim
     assert counts["egd-budget"]["calls"] <= 2, counts  # Σθ and Σθ⁻ of every tensor
+
+
+# --- shard_statistics="local" ------------------------------------------------------------------------------
+def _local_reference(config: str) -> list[torch.Tensor]:
+    """What shard_statistics="local" means, in one process: the optimizer's own kernel applied to each
+    rank's block of every parameter (FSDP2's torch.chunk split over 2 ranks) on its own, with the choices
+    that depend on the shape (Adafactor's factored dims, Amos's η̃ and averaged dims) made for the whole
+    parameter, and the gradient of the union of the ranks' batches."""
+    from torch import nn
+
+    from danlu._core.numerics import factored_dims
+    from danlu._core.optimizer import new_step
+    from danlu.optim.adafactor import adafactor_update
+    from danlu.optim.amos import amos_layout, amos_update
+
+    model = workers.make_model()
+    x, y = workers.batch()
+    params = list(model.parameters())
+    states: dict[tuple[int, int], dict] = {}
+    for t in range(workers.STEPS):
+        rows = [i for r in range(WS) for i in workers._rows(r, WS, 0, 1)]
+        model.zero_grad()
+        nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                for r, (block, g) in enumerate(zip(torch.chunk(p.data, WS), torch.chunk(p.grad, WS))):
+                    st = states.setdefault((i, r), {"step": new_step()})
+                    if config == "adafactor-local":
+                        dims = factored_dims(p.shape, 2)
+                        if dims is None:
+                            st.setdefault("exp_avg_sq", torch.zeros_like(block))
+                        else:
+                            st.setdefault("exp_avg_sq_row", block.new_zeros(
+                                [1 if d == dims[0] else n for d, n in enumerate(block.shape)]))
+                            st.setdefault("exp_avg_sq_col", block.new_zeros(
+                                [1 if d == dims[1] else n for d, n in enumerate(block.shape)]))
+                        adafactor_update(block, g, st, lr=1e-2, relative_step=True, eps1=1e-30, eps2=1e-3,
+                                         clip_threshold=1.0, decay_rate=0.8, beta1=None, weight_decay=0.1,
+                                         scale_parameter=True, dims=dims)
+                    else:
+                        eta, dims = amos_layout(p, None, None)
+                        shape = [1 if d in dims else n for d, n in enumerate(block.shape)]
+                        st.setdefault("v", block.new_zeros(shape))
+                        st.setdefault("b", block.new_zeros(shape))
+                        amos_update(block, g, st, lr=1e-1, eta=eta, reduce_dims=dims, beta=0.999, momentum=None,
+                                    clip_value=None, c_coef=0.25, d_coef=0.25, extra_l2=0.0, eps=2.0**-125)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.fixture(scope="module")
+def local_mode() -> list[dict]:
+    return harness.run("local_mode", WS)
+
+
+@pytest.mark.parametrize("config", list(workers.LOCAL_CONFIGS))
+def test_local_shard_statistics_reduce_each_shard_alone(local_mode, config):
+    """shard_statistics="local" under FSDP2: each rank's statistics over its own rows, no all-reduce by the
+    optimizer, per-rank statistics saved as one row per rank (Shard(0) over the ranks) and resumed bit for
+    bit on the same ranks; the parameters are the one-process per-block reference's (≤ 1e-5)."""
+    res = local_mode[0][config]
+    if isinstance(res, str):
+        pytest.fail(res)
+    assert res["calls"] == 0
+    _check(config, res["params"], _local_reference(config), 1e-5, "local statistics")
+    _check(config, res["resumed"], res["params"], 0.0, "resumed (local statistics)")
+    assert all(torch.equal(a, b) for a, b in zip(res["params"], local_mode[1][config]["params"]))
+    if config == "adafactor-local":  # (5, 6): factored over (1, 0); the statistic over rows is per rank
+        assert res["placements"]["exp_avg_sq_col"] == ("(Shard(dim=0),)", (WS, 6))
+        assert res["placements"]["exp_avg_sq_row"] == ("(Shard(dim=0),)", (5, 1))

@@ -78,13 +78,17 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _spec(config: str) -> tuple[str, dict[str, Any]]:
+    return CONFIGS[config] if config in CONFIGS else LOCAL_CONFIGS[config]
+
+
 def build(model: nn.Module, config: str) -> torch.optim.Optimizer:
-    name, kwargs = CONFIGS[config]
+    name, kwargs = _spec(config)
     return danlu.create_optimizer(name, model.parameters(), **kwargs)
 
 
 def _micro(config: str) -> int:
-    return CONFIGS[config][1].get("accum_steps", 1)
+    return _spec(config)[1].get("accum_steps", 1)
 
 
 def _rows(rank: int, ws: int, j: int, k: int) -> list[int]:
@@ -103,11 +107,11 @@ def _one_step(model: nn.Module, opt: torch.optim.Optimizer, config: str, x: torc
         loss.backward()
         return loss
 
-    if CONFIGS[config][0] == "zero-order":  # the loss only: ZeroOrder evaluates it at perturbed points
+    if _spec(config)[0] == "zero-order":  # the loss only: ZeroOrder evaluates it at perturbed points
         opt.step(lambda: nn.functional.mse_loss(model(x), y))
-    elif CONFIGS[config][0] == "mgs":  # the task loss: this rank's MSE, not differentiated
+    elif _spec(config)[0] == "mgs":  # the task loss: this rank's MSE, not differentiated
         opt.step(closure, lambda: float(nn.functional.mse_loss(model(x), y)))
-    elif CONFIGS[config][0] in CLOSURE:
+    elif _spec(config)[0] in CLOSURE:
         opt.step(closure)
     else:
         closure()
@@ -451,7 +455,48 @@ def collectives(rank: int, ws: int, out: str) -> dict[str, Any]:
     return result
 
 
+# --- shard_statistics="local" -------------------------------------------------------------------------------
+LOCAL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adafactor-local": ("adafactor", dict(min_dim_size_to_factor=2, weight_decay=0.1, shard_statistics="local")),
+    "amos-local": ("amos", dict(lr=1e-1, shard_statistics="local")),
+}
+
+
+def local_mode(rank: int, ws: int, out: str) -> dict[str, Any]:
+    """FSDP2 with shard_statistics="local": the parameters after STEPS steps, the optimizer's all-reduce
+    calls in its last step, and a DCP save after 2 steps resumed on the same ranks."""
+    result: dict[str, Any] = {}
+    for config in LOCAL_CONFIGS:
+        try:
+            model = _shard_model(make_model(), "fsdp")
+            opt = build(model, config)
+            _train_steps(model, opt, config, range(SPLIT_LOCAL), rank, ws)
+            _save(model, opt, _checkpoint(out, config, False), False)
+            _train_steps(model, opt, config, range(SPLIT_LOCAL, STEPS - 1), rank, ws)
+            x, y = batch()
+            rows = _rows(rank, ws, 0, 1)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[STEPS - 1, rows]), y[STEPS - 1, rows]).backward()
+            with _CountAllReduce() as counter:
+                opt.step()
+            placements = {k: (str(tuple(v.placements)), tuple(v.shape)) for k, v in opt.state[next(iter(
+                model.parameters()))].items() if hasattr(v, "placements")}
+            resumed = _shard_model(make_model(seed=123), "fsdp")
+            resumed_opt = build(resumed, config)
+            _load(resumed, resumed_opt, _checkpoint(out, config, False), False)
+            _train_steps(resumed, resumed_opt, config, range(SPLIT_LOCAL, STEPS), rank, ws)
+            result[config] = {"params": [full(p) for p in model.parameters()], "calls": counter.calls,
+                              "resumed": [full(p) for p in resumed.parameters()], "placements": placements}
+        except Exception:
+            result[config] = traceback.format_exc()
+    return result
+
+
+SPLIT_LOCAL = 2
+
+
 ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    "local_mode": local_mode,
     "collectives": collectives,
     "battery": battery, "dcp_save_resume": dcp_save_resume, "dcp_load_resume": dcp_load_resume,
     "zero_order": zero_order, "bad_input": bad_input,

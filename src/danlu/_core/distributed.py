@@ -49,7 +49,7 @@ import torch
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
            "loss_group", "check_same_seeds", "average_values", "all_zero",
-           "shard_sum", "run_bucketed"]
+           "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -81,10 +81,14 @@ class Shard:
     over more than one rank, its global shape, and its local shard (``local``, a plain tensor that
     shares the parameter's storage)."""
 
-    __slots__ = ("param", "mesh", "placements", "group", "sharded", "global_shape", "local", "row_offset")
+    __slots__ = ("param", "mesh", "placements", "group", "sharded", "global_shape", "local", "row_offset",
+                 "local_stats")
 
-    def __init__(self, param: Any) -> None:
+    def __init__(self, param: Any, local_stats: bool = False) -> None:
         self.param = param
+        # shard_statistics="local": reductions over the sharded dim stay on the shard (no communication);
+        # statistics reduced over dim 0 are then one per rank (placed Shard(0) over ranks, see place_state).
+        self.local_stats = local_stats
         self.mesh = param.device_mesh
         self.placements = tuple(param.placements)
         self.sharded = self.placements[0].is_shard() and self.mesh.size() > 1
@@ -107,7 +111,7 @@ def _describe(placements: Sequence[Any]) -> str:
     return "(" + ", ".join(str(pl) for pl in placements) + ")"
 
 
-def layout_of(p: torch.Tensor, what: str = "parameter") -> Shard | None:
+def layout_of(p: torch.Tensor, what: str = "parameter", group: dict[str, Any] | None = None) -> Shard | None:
     """``None`` for a plain tensor; a :class:`Shard` for a DTensor on a 1-D mesh placed ``Shard(0)`` or
     ``Replicate()``; ``ValueError`` for any other layout (tensor parallel, 2-D meshes, Partial)."""
     if not is_dtensor(p):
@@ -125,7 +129,7 @@ def layout_of(p: torch.Tensor, what: str = "parameter") -> Shard | None:
             f"danlu optimizers support DTensor {what}s sharded on dim 0 (FSDP2) or replicated; got placements "
             f"{_describe(placements)} of a {what} of shape {tuple(p.shape)} (tensor parallel layouts are not "
             "supported: their statistics would be computed per shard)")
-    return Shard(p)
+    return Shard(p, local_stats=group is not None and group.get("shard_statistics") == "local")
 
 
 def check_layouts(name: str, work: Sequence[tuple[torch.Tensor, Any]]) -> None:
@@ -175,8 +179,9 @@ def _from_local(optimizer: Any, shard: Shard, group: dict[str, Any], key: str, l
     if not shard.sharded:
         return DTensor.from_local(local, shard.mesh, shard.placements, run_check=False)
     placed = _placement(optimizer, key, shard, group, local)
-    if placed == "shard":  # keeps the parameter's dim 0: as many rows as the parameter
-        shape = torch.Size((shard.global_shape[0], *local.shape[1:]))
+    if placed in ("shard", "per_rank"):  # keeps the parameter's dim 0, or one row per rank
+        rows = shard.global_shape[0] if placed == "shard" else shard.mesh.size()
+        shape = torch.Size((rows, *local.shape[1:]))
         return DTensor.from_local(local, shard.mesh, (DShard(0),), run_check=False, shape=shape,
                                   stride=_contiguous_strides(shape))
     return DTensor.from_local(local, shard.mesh, (Replicate(),), run_check=False)
@@ -194,7 +199,19 @@ def _placement(optimizer: Any, key: str, shard: Shard, group: dict[str, Any], lo
     out = optimizer._state_placement(key, shard.global_shape, group)
     if out not in ("shard", "replicate"):
         raise ValueError(f"{type(optimizer).__name__}._state_placement({key!r}) returned {out!r}")
-    return out
+    # A statistic reduced over dim 0 is the same on every rank, unless each rank reduced its own rows.
+    return "per_rank" if out == "replicate" and shard.local_stats else out
+
+
+def per_rank_shape(optimizer: Any, key: str, p: Any, group: dict[str, Any], shape: torch.Size) -> torch.Size:
+    """The global shape of state entry ``key`` (of ``shape`` in one process) for a DTensor ``p``: with
+    ``shard_statistics="local"`` a statistic reduced over the sharded dim has one row per rank."""
+    shard = layout_of(p, group=group)
+    if shard is None or not shard.sharded or not shard.local_stats or not len(shape):
+        return shape
+    if _placement(optimizer, key, shard, group, torch.empty(0)) != "per_rank":
+        return shape
+    return torch.Size((shard.mesh.size(), *shape[1:]))
 
 
 def place_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -212,13 +229,18 @@ def place_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict
             if is_dtensor(v):
                 state[k] = v.full_tensor()
             continue
-        if is_dtensor(v) and v.shape == shard.global_shape and tuple(v.placements) == shard.placements:
-            continue
+        placed = _placement(optimizer, k, shard, group, v) if shard.sharded else "shard"
+        if (placed == "shard" and is_dtensor(v) and v.shape == shard.global_shape
+                and tuple(v.placements) == shard.placements):
+            continue  # shaped and placed like the parameter already (a statistic of a one-row parameter may
+            # have its shape and still be reduced over dim 0: the optimizer's placement decides)
         full = v.full_tensor() if is_dtensor(v) else v
         if not shard.sharded:
             state[k] = DTensor.from_local(full, shard.mesh, shard.placements, run_check=False)
             continue
-        if _placement(optimizer, k, shard, group, full) == "shard":
+        if placed == "per_rank":  # this rank's own statistic over its rows (shard_statistics="local")
+            state[k] = _from_local(optimizer, shard, group, k, full.clone())
+        elif placed == "shard":
             local_shape, offset = compute_local_shape_and_global_offset(full.shape, shard.mesh, (DShard(0),))
             local = full.narrow(0, int(offset[0]), int(local_shape[0])).clone()
             state[k] = DTensor.from_local(local, shard.mesh, (DShard(0),), run_check=False, shape=full.shape,
@@ -265,7 +287,7 @@ def _dims(x: torch.Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def _crosses(x: torch.Tensor, dim: int | Sequence[int] | None, aligned: bool) -> Shard | None:
     sh = current()
-    if sh is None or not sh.sharded or not aligned or x.dim() == 0:
+    if sh is None or not sh.sharded or sh.local_stats or not aligned or x.dim() == 0:
         return None
     return sh if 0 in _dims(x, dim) else None
 
@@ -510,3 +532,13 @@ def shard_sum(t: torch.Tensor, shard: Shard | None) -> torch.Tensor:
     if shard is None or not shard.sharded:
         return t
     return _all_reduce(t, shard, "sum")
+
+
+SHARD_STATISTICS = ("exact", "local")
+
+
+def check_shard_statistics(group: dict[str, Any]) -> None:
+    """Validate a group's ``shard_statistics`` (``"exact"`` or ``"local"``)."""
+    value = group.get("shard_statistics", "exact")
+    if value not in SHARD_STATISTICS:
+        raise ValueError(f"Invalid shard_statistics: {value!r} (expected 'exact' or 'local')")

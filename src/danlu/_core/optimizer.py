@@ -36,7 +36,7 @@ _TAG = "danlu_optimizer"
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 # Options added after danlu 0.1: a saved group without them takes the optimizer's default.
-_LATER_OPTIONS = frozenset({"fused", "state_dtype"})
+_LATER_OPTIONS = frozenset({"fused", "state_dtype", "shard_statistics"})
 _STATE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _SR_KEY = "sr_key"  # the fused path's precomputed rounding key, in ``derived``
 
@@ -241,7 +241,7 @@ class DanluOptimizer(torch.optim.Optimizer):
         written: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         for p, group in work:
             state = self.state[p]
-            shard = dist_.layout_of(p) if sharded else None
+            shard = dist_.layout_of(p, group=group) if sharded else None
             if len(state) == 0:
                 self._init_state(p, group, state)
                 if shard is not None:
@@ -260,13 +260,25 @@ class DanluOptimizer(torch.optim.Optimizer):
                 continue
             local = dist_.local_state(state)
             lp, lg = shard.local, p.grad.to_local()
+            if shard.local_stats and shard.sharded and self._reduces_across_rows(p, group):
+                # shard_statistics="local": the kernel on this shard alone, no collectives (an empty shard
+                # only counts the update, so that every rank's counter agrees).
+                if lp.numel():
+                    with dist_.on_shard(shard):
+                        self._update_stored(lp, lg, local, group)
+                    dist_.store_local_state(self, shard, group, state, local)
+                else:
+                    self._count_only(lp, local, group)
+                continue
             # The fused path serves a shard whose step is elementwise and, for bfloat16 state, keyed as one
             # process (the rounding noise of the shard's global offset): otherwise the per-tensor path.
             if group.get("fused") and not (shard.sharded and (self._reduces_across_rows(p, group)
                                                               or group.get("state_dtype") == torch.bfloat16)):
-                if lp.numel():  # an empty shard of an elementwise step has nothing to do
+                if lp.numel():  # an empty shard of an elementwise step has nothing to do but count
                     fused.append((lp, lg, group, local))
                     written.append((shard, group, state, local))
+                else:
+                    self._count_only(lp, local, group)
                 continue
             # The per-tensor kernel on the local shards; a rank with an empty shard runs it too, so that it
             # joins the kernel's collectives (bucketed over the step's kernels, below).
@@ -285,11 +297,17 @@ class DanluOptimizer(torch.optim.Optimizer):
             dist_.store_local_state(self, shard, group, state, local)
 
     # --- sharded parameters (FSDP2; danlu._core.distributed) --------------------------------------------
+    def _count_only(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Advance the update counters of an empty shard whose kernel does not run (they are plain tensors,
+        which every rank must agree on), as its step would."""
+        if self._derive is not None or group.get("state_dtype") == torch.bfloat16:
+            self._derive_stored(p, state, group)
+
     def _place_new_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """For a DTensor ``p``: place the state ``_init_state`` just made (see ``distributed.place_state``)."""
         from . import distributed as dist_  # noqa: PLC0415
 
-        shard = dist_.layout_of(p)
+        shard = dist_.layout_of(p, group=group)
         if shard is not None:
             dist_.place_state(self, shard, group, state)
 
@@ -299,7 +317,7 @@ class DanluOptimizer(torch.optim.Optimizer):
         entries it makes written back as DTensors."""
         from . import distributed as dist_  # noqa: PLC0415
 
-        shard = dist_.layout_of(p)
+        shard = dist_.layout_of(p, group=group)
         if shard is None:
             return fn(p, grad, state)
         local = dist_.local_state(state)
@@ -567,6 +585,14 @@ class DanluOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{me}.load_state_dict: the state of parameter {pid!r} is not a dict")
         expected: dict[str, Any] = {}
         self._init_state(torch.empty_like(p, device="meta"), group, expected)
+        if getattr(p, "device_mesh", None) is not None:  # FSDP2: per-rank statistics (shard_statistics="local")
+            from .distributed import per_rank_shape  # noqa: PLC0415
+
+            for key, ref in list(expected.items()):
+                if isinstance(ref, torch.Tensor):
+                    shape = per_rank_shape(self, key, p, group, ref.shape)
+                    if shape != ref.shape:
+                        expected[key] = torch.empty(shape, device="meta")
         missing = sorted(set(expected) - set(st) - self._optional_state)
         if missing:
             raise ValueError(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._core.distributed import global_shape, mean_over, rms
+from .._core.distributed import check_shard_statistics, global_shape, mean_over, rms
 from .._core.numerics import add_scaled_, factored_dims, factored_rsqrt, sum_along
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
 from .._core.validate import check_bool, check_lr, check_number, check_optional
@@ -154,6 +154,12 @@ class Adafactor(DanluOptimizer):
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
             on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters.
+        shard_statistics: under FSDP2, how the quantities that span the sharded dim 0 are computed:
+            ``"exact"`` (default) over the whole parameter, with explicit all-reduces (the result equals
+            one process); ``"local"`` over each rank's own rows, with no communication: the statistics
+            reduced over dim 0 are then one per rank (saved as such: a checkpoint resumes on the same
+            number of ranks only) and the trajectory depends on the number of ranks. No effect without
+            sharding (one process, DDP).
 
     References:
         Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
@@ -188,6 +194,7 @@ class Adafactor(DanluOptimizer):
         *,
         fused: bool = False,
         state_dtype: torch.dtype | None = None,
+        shard_statistics: str = "exact",
     ) -> None:
         if relative_step is None:
             relative_step = lr is None
@@ -203,6 +210,7 @@ class Adafactor(DanluOptimizer):
             min_dim_size_to_factor=min_dim_size_to_factor,
             fused=fused,
             state_dtype=state_dtype,
+            shard_statistics=shard_statistics,
         )
         super().__init__(params, defaults)
 
@@ -212,6 +220,7 @@ class Adafactor(DanluOptimizer):
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
         self._check_state_dtype(group, params)
+        check_shard_statistics(group)
         group["lr"] = check_lr(group["lr"])
         check_bool("relative_step", group["relative_step"])
         eps = group["eps"]

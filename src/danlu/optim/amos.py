@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .._core.distributed import global_shape, mean_over
+from .._core.distributed import check_shard_statistics, global_shape, mean_over
 from .._core.modules import classify_parameters
 from .._core.numerics import add_scaled_, propagate_nonfinite_, scalar_sqrt
 from .._core.optimizer import DanluOptimizer, ParamsT, new_step
@@ -141,6 +141,12 @@ class Amos(DanluOptimizer):
             device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
             (default False). The first step compiles (seconds; cached in the optimizer); lr and momentum
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
+        shard_statistics: under FSDP2, how the quantities that span the sharded dim 0 are computed:
+            ``"exact"`` (default) over the whole parameter, with explicit all-reduces (the result equals
+            one process); ``"local"`` over each rank's own rows, with no communication: the statistics
+            reduced over dim 0 are then one per rank (saved as such: a checkpoint resumes on the same
+            number of ranks only) and the trajectory depends on the number of ranks. No effect without
+            sharding (one process, DDP).
 
     References:
         Tian & Parikh, "Amos: An Adam-style Optimizer with Adaptive Weight Decay towards
@@ -170,6 +176,7 @@ class Amos(DanluOptimizer):
         eps: float = 2.0**-125,
         *,
         fused: bool = False,
+        shard_statistics: str = "exact",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -183,6 +190,7 @@ class Amos(DanluOptimizer):
             eta=None,
             reduce_dims=None,
             fused=fused,
+            shard_statistics=shard_statistics,
         )
         super().__init__(params, defaults)
 
@@ -190,6 +198,7 @@ class Amos(DanluOptimizer):
 
     def _validate_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._check_fused(group, params)
+        check_shard_statistics(group)
         group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_optional("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
