@@ -46,6 +46,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .numerics import acc_dtype
+from .numerics import rms as _plain_rms
+
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
            "loss_group", "check_same_seeds", "average_values", "all_zero",
@@ -250,22 +253,33 @@ def place_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict
 
 
 # --- the kernels' view ----------------------------------------------------------------------------------
+_active = 0  # shard contexts open in any thread: while 0 (one process, DDP) the helpers are the plain ops
+
+
 @contextmanager
 def on_shard(shard: Shard | None) -> Iterator[None]:
     """Run a kernel on ``shard``'s local tensors: reductions and :func:`global_shape` see the shard."""
+    global _active
     prev = getattr(_tls, "shard", None)
     _tls.shard = shard
+    with _active_lock:
+        _active += 1
     try:
         yield
     finally:
         _tls.shard = prev
+        with _active_lock:
+            _active -= 1
+
+
+_active_lock = threading.Lock()
 
 
 def current() -> Shard | None:
     """The shard a kernel runs on (None: one process, DDP, or a compiled graph)."""
-    if torch.compiler.is_compiling():
+    if not _active or torch.compiler.is_compiling():  # a compiled graph never reads the thread-local
         return None
-    return getattr(_tls, "shard", None)
+    return _tls.__dict__.get("shard")
 
 
 def global_shape(p: torch.Tensor) -> torch.Size:
@@ -395,7 +409,7 @@ def sum_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim
              aligned: bool = True) -> torch.Tensor:
     """``x.sum(dim, keepdim)`` (all dims for None); over the sharded dim of an aligned ``x``, of the whole
     parameter: the local sum, all-reduced."""
-    out = x.sum() if dim is None and not keepdim else x.sum(dim=_dims(x, dim), keepdim=keepdim)
+    out = x.sum() if dim is None and not keepdim else x.sum(dim=dim, keepdim=keepdim)
     sh = _crosses(x, dim, aligned)
     return out if sh is None else _all_reduce(out.contiguous(), sh, "sum")
 
@@ -412,7 +426,7 @@ def mean_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdi
     """``x.mean(dim, keepdim)``; over the sharded dim of an aligned ``x``: the global sum over the global count."""
     sh = _crosses(x, dim, aligned)
     if sh is None:
-        return x.mean() if dim is None and not keepdim else x.mean(dim=_dims(x, dim), keepdim=keepdim)
+        return x.mean() if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
     return sum_over(x, dim, keepdim=keepdim, aligned=aligned).div_(_count(x, _dims(x, dim), sh))
 
 
@@ -433,12 +447,9 @@ def amax_over(x: torch.Tensor, dim: int | Sequence[int], *, keepdim: bool = Fals
 
 def rms(x: torch.Tensor, *, aligned: bool = True) -> torch.Tensor:
     """RMS of the whole (aligned) tensor, 0-d, accumulated in ≥ float32 (as ``numerics.rms``)."""
-    from .numerics import acc_dtype  # noqa: PLC0415
-    from .numerics import rms as plain_rms  # noqa: PLC0415
-
     sh = _crosses(x, None, aligned)
     if sh is None:
-        return plain_rms(x)
+        return _plain_rms(x)
     ss = x.to(acc_dtype(x)).square().sum()
     return _all_reduce(ss, sh, "sum").div_(max(math.prod(sh.global_shape), 1)).sqrt_()
 

@@ -73,9 +73,18 @@ def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
     would still count, and Amos's ``extra_l2`` would still pull θ). Closure-driven optimizers
     (GradientPenalty, MGS, ZeroOrder) step their inner optimizer on it instead of refusing the
     missing closure."""
+    # Checked on every step of every danlu optimizer: the lrs first, without a device sync (DCP sets a
+    # tensor lr to a CPU torch.tensor(0.0)), and the gradients only when every lr is 0.
+    for g in optimizer.param_groups:
+        lr = g.get("lr")
+        if lr is None:
+            continue
+        if isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or lr.numel() != 1):
+            return False
+        if float(lr) != 0.0:
+            return False
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    lrs = [g["lr"] for g in optimizer.param_groups if g.get("lr") is not None]
-    if not params or any(float(lr) != 0.0 for lr in lrs):
+    if not params:
         return False
     if any(p.grad is None or p.grad.is_sparse for p in params):
         return False
