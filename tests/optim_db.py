@@ -155,6 +155,18 @@ def _beta_cases() -> list[Bad]:
     ]
 
 
+def _sync_window_cases() -> list[Bad]:
+    """sync_window (Lion, Tiger, SGDM): a bool, with accum_steps > 1 and an initialized process group."""
+    return [
+        Bad({"sync_window": "yes", "accum_steps": 2}, TypeError, r"^Invalid sync_window: 'yes' \(expected a bool\)$",
+            in_group=False),
+        Bad({"sync_window": True}, ValueError, r"^Invalid sync_window: True \(expected False with accum_steps=1",
+            in_group=False),
+        Bad({"sync_window": True, "accum_steps": 2}, ValueError,
+            r"^Invalid sync_window: True \(expected an initialized torch\.distributed process group", in_group=False),
+    ]
+
+
 def _accum_cases() -> list[Bad]:
     return [
         Bad({"accum_steps": 0}, ValueError, r"^Invalid accum_steps: 0 \(expected a number in \[1, inf\]\)$",
@@ -171,6 +183,7 @@ LION = OptimSpec(
     bad=_lr_weight_decay_cases()
     + _betas_cases()
     + _accum_cases()
+    + _sync_window_cases()
     + [Bad({"betas": (0.9, 0.0), "accum_steps": 2}, ValueError, r"^Invalid betas: \(0\.9, 0\.0\) \(expected betas\[1\] > 0",
            in_group=False)],
     variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2)},
@@ -180,7 +193,7 @@ TIGER = OptimSpec(
     name="Tiger",
     cls=danlu.Tiger,
     kwargs=dict(lr=3e-3, beta=0.9),
-    bad=_lr_weight_decay_cases() + _beta_cases() + _accum_cases(),
+    bad=_lr_weight_decay_cases() + _beta_cases() + _accum_cases() + _sync_window_cases(),
     variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2, weight_decay=0.1)},
 )
 
@@ -280,6 +293,7 @@ SGDM = OptimSpec(
     kwargs=dict(lr=0.3, momentum=0.9),
     bad=_lr_weight_decay_cases()
     + _accum_cases()
+    + _sync_window_cases()
     + [
         Bad({"momentum": 1.0}, ValueError, r"^Invalid momentum: 1\.0 \(expected a number in \[0, 1\)\)$"),
         Bad({"momentum": -0.1}, ValueError, r"^Invalid momentum: -0\.1 "),

@@ -57,6 +57,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw-no-sync": ("adamw", dict(lr=1e-2, weight_decay=0.1)),
 }
 NO_SYNC_MICRO = 2  # micro-batches of the *-no-sync configs
+# danlu's accumulation with DDP's no_sync() on all micro-batches but the last and sync_window=True (DDP only:
+# FSDP2 refuses sync_window). One process runs the same accumulation without sync_window.
+CONFIGS.update({
+    "sgdm-sync-window": ("sgdm", dict(lr=1e-1, accum_steps=2, sync_window=True)),
+    "tiger-sync-window": ("tiger", dict(lr=1e-2, accum_steps=2, sync_window=True)),
+    "lion-sync-window": ("lion", dict(lr=1e-2, accum_steps=3, sync_window=True, weight_decay=0.1)),
+})
 # Configs whose step takes the closure (zero_grad, forward, backward, return the loss).
 CLOSURE = ("gradient-penalty",)
 
@@ -84,6 +91,8 @@ def _spec(config: str) -> tuple[str, dict[str, Any]]:
 
 def build(model: nn.Module, config: str) -> torch.optim.Optimizer:
     name, kwargs = _spec(config)
+    if kwargs.get("sync_window") and not dist.is_initialized():  # the one-process reference
+        kwargs = {k: v for k, v in kwargs.items() if k != "sync_window"}
     return danlu.create_optimizer(name, model.parameters(), **kwargs)
 
 
@@ -181,7 +190,11 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, config: str, step
             continue
         for j in range(k):
             rows = _rows(rank, ws, j, k)
-            _one_step(model, opt, config, x[t, rows], y[t, rows])
+            if config.endswith("-sync-window") and mode == "ddp" and j < k - 1:
+                with model.no_sync():  # rank-local micro-gradients: sync_window averages the window's momentum
+                    _one_step(model, opt, config, x[t, rows], y[t, rows])
+            else:
+                _one_step(model, opt, config, x[t, rows], y[t, rows])
 
 
 def train_ranked(rank: int, ws: int, config: str, mode: str) -> list[torch.Tensor]:

@@ -59,12 +59,37 @@ class FusedBackwardHandle:
 class AccumulatingOptimizer(DanluOptimizer):
     """A :class:`DanluOptimizer` whose state can absorb ``accum_steps`` micro-gradients per update."""
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], accum_steps: int = 1) -> None:
+    # State entries whose window contribution is linear in the micro-gradients (m += c·g): averaging them
+    # over the ranks at the window's end equals folding the ranks' averaged gradients (``sync_window``).
+    _linear_window_state: tuple[str, ...] = ()
+    sync_window = False  # set by the constructor (a class default for optimizers pickled before it existed)
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], accum_steps: int = 1,
+                 sync_window: bool = False) -> None:
         check_number("accum_steps", accum_steps, low=1, integer=True)
         self.accum_steps = int(accum_steps)
         self._fused = False
         self.is_update_step = False
+        self.sync_window = self._check_sync_window(sync_window)
         super().__init__(params, defaults)
+
+    def _check_sync_window(self, sync_window: Any) -> bool:
+        if not isinstance(sync_window, bool):
+            raise TypeError(f"Invalid sync_window: {sync_window!r} (expected a bool)")
+        if not sync_window:
+            return False
+        if not self._linear_window_state:
+            raise ValueError(f"Invalid sync_window: True (expected False for {type(self).__name__}: its state folds "
+                             "squared micro-gradients, which an average over the ranks at the window's end does "
+                             "not reproduce; keep gradients synchronized on every micro-batch)")
+        if self.accum_steps == 1:
+            raise ValueError("Invalid sync_window: True (expected False with accum_steps=1: there is no window)")
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("Invalid sync_window: True (expected an initialized torch.distributed process group: "
+                             "call torch.distributed.init_process_group first)")
+        return True
 
     # --- subclass hooks ------------------------------------------------------------------------
     def _absorb(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
@@ -122,27 +147,51 @@ class AccumulatingOptimizer(DanluOptimizer):
                              f"with accum_steps={self.accum_steps}: micro-steps fold into the state in place)")
 
     # --- the micro-step machinery --------------------------------------------------------------
-    def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int) -> None:
-        """Absorb ``grad`` at micro-step ``t`` of the window (1-based) and, on its last, move θ."""
+    def _fold(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], t: int, apply: bool = True) -> None:
+        """Absorb ``grad`` at micro-step ``t`` of the window (1-based) and, on its last, move θ (unless
+        ``apply`` is False: ``sync_window`` moves θ once the window is averaged over the ranks)."""
         state = self.state[p]
         if len(state) == 0:
             self._init_state(p, group, state)
             self._place_new_state(p, group, state)
         if p.numel() == 0:
             return
-        self._on_local(p, grad, group, state, lambda lp, lg, st: self._fold_local(lp, lg, st, group, t))
+        self._on_local(p, grad, group, state, lambda lp, lg, st: self._fold_local(lp, lg, st, group, t, apply))
 
     def _fold_local(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-                    t: int) -> None:
+                    t: int, apply: bool = True) -> None:
         k = self.accum_steps
         if k == 1:
             self._update(p, grad, state, group)
             return
         self._absorb(p, grad, state, group, not state[PENDING])
         state[PENDING] = True
-        if t == k:
+        if t == k and apply:
             self._apply(p, grad, state, group)
             state[PENDING] = False
+
+    def _average_window(self, states: list[dict[str, Any]]) -> None:
+        """``sync_window``: average the linear window state of ``states`` over the ranks (all-reduces of
+        flat buckets of up to 2²⁴ elements per dtype and device, in parameter order)."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        ws = dist.get_world_size()
+        tensors = [st[k] for st in states for k in self._linear_window_state if k in st]
+        buckets: dict[Any, list[list[torch.Tensor]]] = {}
+        for t in tensors:
+            rows = buckets.setdefault((t.dtype, t.device), [[]])
+            if rows[-1] and sum(x.numel() for x in rows[-1]) + t.numel() > 1 << 24:
+                rows.append([])
+            rows[-1].append(t)
+        for rows in buckets.values():
+            for row in rows:
+                flat = torch.cat([t.reshape(-1) for t in row])
+                dist.all_reduce(flat)
+                flat.div_(ws)
+                offset = 0
+                for t in row:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -159,12 +208,14 @@ class AccumulatingOptimizer(DanluOptimizer):
             self._init_states(work)  # torch.distributed.checkpoint's state initialisation: the window stays
             return loss
         t = self._micro_step + 1
+        update = t == self.accum_steps
         if self.accum_steps == 1:
             self._update_all(work)  # one plain step (the fused path where a group asks for it)
+        elif self.sync_window and update:
+            self._sync_and_apply(work, t)
         else:
             for p, group in work:
                 self._fold(p, p.grad, group, t)
-        update = t == self.accum_steps
         if update and self.accum_steps > 1:
             # Parameters that absorbed gradients earlier in the window but had none now still move.
             for group in self.param_groups:
@@ -177,6 +228,26 @@ class AccumulatingOptimizer(DanluOptimizer):
         self._micro_step = 0 if update else t
         self.is_update_step = update
         return loss
+
+    def _sync_and_apply(self, work: list[tuple[torch.Tensor, dict[str, Any]]], t: int) -> None:
+        """The last micro-step of a ``sync_window`` window: absorb, average every absorbed parameter's window
+        state over the ranks (one bucketed all-reduce), then move θ."""
+        from . import distributed as dist_  # noqa: PLC0415
+
+        if any(dist_.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{type(self).__name__}(sync_window=True) serves DDP (replicated parameters whose "
+                             "micro-gradients stay rank-local under no_sync); FSDP2 parameters were given: keep "
+                             "FSDP2's gradient sync on every micro-batch and sync_window=False")
+        last = {id(p): p.grad for p, _ in work}
+        for p, group in work:
+            self._fold(p, p.grad, group, t, apply=False)
+        pending = [(p, group) for group in self.param_groups for p in group["params"]
+                   if self.state.get(p) and self.state[p].get(PENDING)]
+        self._average_window([self.state[p] for p, _ in pending])
+        for p, group in pending:
+            state = self.state[p]
+            self._apply(p, last.get(id(p)), state, group)
+            state[PENDING] = False
 
     def fuse_into_backward(self) -> FusedBackwardHandle:
         """Fold each gradient into the state as soon as backward has accumulated it, then free ``.grad``.
@@ -271,5 +342,6 @@ class AccumulatingOptimizer(DanluOptimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(accum_steps=self.accum_steps, _fused=False, is_update_step=self.is_update_step)
+        state.update(accum_steps=self.accum_steps, _fused=False, is_update_step=self.is_update_step,
+                     sync_window=self.sync_window)
         return state

@@ -43,6 +43,7 @@ class _SignMomentum(AccumulatingOptimizer):
     """Accumulation for Lion/Tiger: the window's micro-gradients are folded into m with β2."""
 
     _low_precision_state = frozenset({"exp_avg"})
+    _linear_window_state = ("exp_avg",)
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         raise NotImplementedError
@@ -108,6 +109,12 @@ class Lion(_SignMomentum):
             bfloat16 halves its memory on float32 parameters: computed in float32, rounded
             stochastically on store with counter-based noise (unbiased, reproducible, identical across
             DDP replicas), on the per-tensor and the fused path (not with ``accum_steps`` > 1). float32 keeps full-precision state for bfloat16 parameters.
+        sync_window: for DDP with ``no_sync()`` on the window's micro-batches (default False): their
+            gradients are then rank-local, and the momentum a window folded is averaged over the ranks
+            (one bucketed all-reduce per window) before θ moves, which equals folding the averaged
+            gradients (the momentum is linear in them). Needs an initialized process group and
+            ``accum_steps`` > 1; not for FSDP2. Mid-window the ranks' momenta differ: checkpoint at
+            window ends.
 
     References:
         Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675 (2023);
@@ -130,9 +137,10 @@ class Lion(_SignMomentum):
         *,
         fused: bool = False,
         state_dtype: torch.dtype | None = None,
+        sync_window: bool = False,
     ) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, fused=fused,
-                                      state_dtype=state_dtype), accum_steps)
+                                      state_dtype=state_dtype), accum_steps, sync_window)
 
     _step_scalars = ("lr", "betas", "weight_decay")
 
@@ -176,6 +184,7 @@ class Tiger(_SignMomentum):
             micro-batch sizes, mean-reduced loss, no batch-coupled layers). Cost: no gradient buffer;
             :meth:`fuse_into_backward` also frees each ``.grad`` as soon as it is folded in.
         fused, state_dtype: as in :class:`Lion` (``beta`` is the scalar that enters as a 0-d tensor).
+        sync_window: as in :class:`Lion`.
 
     References:
         Su Jianlin, "Tiger: an extremely tight-fisted optimizer", kexue.fm/archives/9512 (2023);
@@ -189,10 +198,10 @@ class Tiger(_SignMomentum):
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1,
-        *, fused: bool = False, state_dtype: torch.dtype | None = None,
+        *, fused: bool = False, state_dtype: torch.dtype | None = None, sync_window: bool = False,
     ) -> None:
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, fused=fused,
-                                      state_dtype=state_dtype), accum_steps)
+                                      state_dtype=state_dtype), accum_steps, sync_window)
 
     _step_scalars = ("lr", "beta", "weight_decay")
 

@@ -50,6 +50,12 @@ class SGDM(AccumulatingOptimizer):
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
             on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
+        sync_window: for DDP with ``no_sync()`` on the window's micro-batches (default False): their
+            gradients are then rank-local, and the momentum a window folded is averaged over the ranks
+            (one bucketed all-reduce per window) before θ moves, which equals folding the averaged
+            gradients (the momentum is linear in them). Needs an initialized process group and
+            ``accum_steps`` > 1; not for FSDP2. Mid-window the ranks' momenta differ: checkpoint at
+            window ends.
 
     References:
         Su Jianlin, kexue.fm/archives/8634 (accumulation hidden in momentum) and /9512 (Tiger);
@@ -61,12 +67,13 @@ class SGDM(AccumulatingOptimizer):
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, accum_steps: int = 1,
-        *, fused: bool = False, state_dtype: torch.dtype | None = None,
+        *, fused: bool = False, state_dtype: torch.dtype | None = None, sync_window: bool = False,
     ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused,
-                                      state_dtype=state_dtype), accum_steps)
+                                      state_dtype=state_dtype), accum_steps, sync_window)
 
     _low_precision_state = frozenset({"momentum_buffer"})
+    _linear_window_state = ("momentum_buffer",)
 
     _step_scalars = ("lr", "momentum", "weight_decay")
 
