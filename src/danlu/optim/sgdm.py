@@ -50,12 +50,10 @@ class SGDM(AccumulatingOptimizer):
             store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
             on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters. bfloat16 not with ``accum_steps`` > 1.
-        sync_window: for DDP with ``no_sync()`` on the window's micro-batches (default False): their
-            gradients are then rank-local, and the momentum a window folded is averaged over the ranks
-            (one bucketed all-reduce per window) before θ moves, which equals folding the averaged
-            gradients (the momentum is linear in them). Needs an initialized process group and
-            ``accum_steps`` > 1; not for FSDP2. Mid-window the ranks' momenta differ: checkpoint at
-            window ends.
+        sync_window: average the momentum buffer over the DDP ranks at each window's end (default
+            False), for micro-batches run under ``no_sync()``: exact, as the buffer is linear in the
+            gradients; one all-reduce per window instead of one per micro-batch. Details as in
+            :class:`danlu.Lion`.
 
     References:
         Su Jianlin, kexue.fm/archives/8634 (accumulation hidden in momentum) and /9512 (Tiger);
