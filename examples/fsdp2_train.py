@@ -5,9 +5,11 @@ Run on CPU (gloo) with two processes; the second command resumes the first run's
     torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --optimizer adafactor --steps 20 --ckpt /tmp/danlu-ckpt
     torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --optimizer adafactor --steps 40 --ckpt /tmp/danlu-ckpt
 
-Any name of ``danlu.list_optimizers()`` that steps from ``.grad`` works (``lion``, ``tiger``, ``adamw``,
-``adax``, ``adafactor``, ``amos``, ``sgdm``, ``eg-step-size``, ...); ``--kwargs '{"lr": 1e-3}'`` passes
-hyperparameters. The task is next-token prediction on sequences of a fixed random permutation
+Any name of ``danlu.list_optimizers()`` works (``lion``, ``tiger``, ``adamw``, ``adax``, ``adafactor``,
+``amos``, ``sgdm``, ``egd`` with ``--kwargs '{"signed": true}'``, the wrappers ``eg-step-size`` (with
+``'{"meta_lr": 0.01}'``), ``gradient-penalty`` (``'{"strength": 0.01}'``) and ``mgs`` around AdamW, and
+``zero-order``); ``--kwargs`` passes hyperparameters as JSON. Closure-driven optimizers get the closure
+they need. The task is next-token prediction on sequences of a fixed random permutation
 (token t is followed by perm[t]), generated from a seed, so a model that learns the permutation drives
 the loss to 0. Each rank trains on its own slice of every batch; the optimizer steps the rank's FSDP2
 shards (``danlu._core.distributed``). The checkpoint holds the model, the optimizer and the step, saved
@@ -82,7 +84,11 @@ def main() -> None:
     model = TinyLM()
     for layer in model.layers:
         fully_shard(layer)
-    fully_shard(model)
+    # FSDP2 keeps the root's own parameters (embedding, head) gathered after a forward, for the backward
+    # that usually follows. Derivative-free steps run forwards only, between which they perturb the
+    # shards: the root must re-gather them for every forward.
+    forward_only = args.optimizer.lower() in ("zero-order", "mgs")
+    fully_shard(model, reshard_after_forward=forward_only)
     opt = danlu.create_optimizer(args.optimizer, model.parameters(), **json.loads(args.kwargs))
 
     start = 0
@@ -98,10 +104,25 @@ def main() -> None:
     loss = torch.zeros(())
     for step in range(start, args.steps):
         x, y = batch(step, rank, world)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
-        loss.backward()
-        opt.step()
+
+        def loss_fn() -> torch.Tensor:
+            return nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+
+        def closure() -> torch.Tensor:  # zero_grad, forward, backward: what a closure-driven optimizer re-runs
+            opt.zero_grad()
+            out = loss_fn()
+            out.backward()
+            return out
+
+        if isinstance(opt, danlu.ZeroOrder):  # derivative-free: the loss only, no backward
+            loss = opt.step(loss_fn)
+        elif isinstance(opt, danlu.MGS):  # the surrogate's gradient guides a search on the task loss
+            loss = opt.step(closure, lambda: float(loss_fn()))
+        elif isinstance(opt, danlu.GradientPenalty):
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):

@@ -163,15 +163,30 @@ def _accumulate_then_step(model: nn.Module, opt: torch.optim.Optimizer, micro: l
     opt.step()
 
 
-def _shard_model(model: nn.Module, mode: str) -> nn.Module:
+class _WithRootParameter(nn.Module):
+    """The MLP plus a parameter of the root module itself (FSDP2 keeps a root's own parameters gathered
+    after a forward unless told otherwise)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.shift = nn.Parameter(torch.full((SIZES[-1],), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.shift
+
+
+def _shard_model(model: nn.Module, mode: str, forward_only: bool = False) -> nn.Module:
+    """DDP, or FSDP2 per Linear and at the root; ``forward_only`` (derivative-free steps, which perturb the
+    shards between forwards): the root re-gathers its own parameters for every forward."""
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model:
+    for layer in model.modules():
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=forward_only)
     return model
 
 
@@ -306,7 +321,7 @@ def build_zo(model: nn.Module, config: str, **extra: Any) -> danlu.ZeroOrder:
 
 
 def train_zo_single(config: str, ws: int = 2) -> list[torch.Tensor]:
-    model = make_model()
+    model = _WithRootParameter(make_model())
     opt = build_zo(model, config)
     x, y = batch()
     for t in range(STEPS):
@@ -343,7 +358,7 @@ def zero_order(rank: int, ws: int, out: str) -> dict[str, Any]:
         result[config] = {}
         for mode in ("ddp", "fsdp"):
             try:
-                model = _shard_model(make_model(), mode)
+                model = _shard_model(_WithRootParameter(make_model()), mode, forward_only=True)
                 opt = build_zo(model, config)
                 counted = {"calls": 0, "bytes": 0}
                 for t in range(STEPS):
@@ -438,7 +453,33 @@ def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
 
         return make
 
-    for name, make in [("tensor_parallel", tensor_parallel), ("two_d_mesh", two_d_mesh),
+    def root_kept_gathered(kind: str) -> Callable[[], tuple[list[torch.Tensor], Callable[[], Any]]]:
+        def make() -> tuple[list[torch.Tensor], Callable[[], Any]]:
+            model = _shard_model(_WithRootParameter(make_model()), "fsdp")  # fully_shard's default at the root
+            xb, yb = batch()
+            rows = _rows(rank, ws, 0, 1)
+
+            def loss() -> torch.Tensor:
+                return nn.functional.mse_loss(model(xb[0, rows]), yb[0, rows])
+
+            if kind == "zero-order":
+                opt: Any = danlu.ZeroOrder(model.parameters(), lr=0.1, samples=2)
+                return list(model.parameters()), lambda: opt.step(loss)
+            opt = danlu.MGS(None, danlu.SGDM(model.parameters(), lr=0.1))
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                out = loss()
+                out.backward()
+                return out
+
+            return list(model.parameters()), lambda: opt.step(closure, lambda: float(loss()))
+
+        return make
+
+    for name, make in [("zero_order_root_kept_gathered", root_kept_gathered("zero-order")),
+                       ("mgs_root_kept_gathered", root_kept_gathered("mgs")),
+                       ("tensor_parallel", tensor_parallel), ("two_d_mesh", two_d_mesh),
                        ("other_seeds", other_seeds), ("nonfinite_loss_on_one_rank", nonfinite_loss_on_one_rank),
                        ("checkpoint_of_another_optimizer", load_for("adafactor", "adamw")),
                        ("checkpoint_of_another_shape", load_for("adamw", "adamw", wider=True))]:

@@ -52,7 +52,7 @@ from .numerics import rms as _plain_rms
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
            "loss_group", "check_same_seeds", "average_values", "all_zero",
-           "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics"]
+           "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics", "check_regathered"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -553,3 +553,28 @@ def check_shard_statistics(group: dict[str, Any]) -> None:
     value = group.get("shard_statistics", "exact")
     if value not in SHARD_STATISTICS:
         raise ValueError(f"Invalid shard_statistics: {value!r} (expected 'exact' or 'local')")
+
+
+def check_regathered(name: str, params: Sequence[torch.Tensor]) -> None:
+    """Refuse (``ValueError``) FSDP2 parameters that stay gathered after a forward: the root module's own
+    parameters by default (``fully_shard``'s ``reshard_after_forward=None``), for the backward that
+    usually follows. A derivative-free step perturbs the shards between forward-only evaluations, which
+    would then not see the perturbation. Reads FSDP2's module states (a private structure: where it is
+    not there, nothing is checked)."""
+    if not any(is_dtensor(p) for p in params):
+        return
+    try:
+        from torch.distributed._composable_state import _module_state_mapping  # noqa: PLC0415
+    except Exception:  # pragma: no cover - another torch layout
+        return
+    ids = {id(p) for p in params}
+    for ref in list(_module_state_mapping.values()):
+        state = ref() if callable(ref) else ref
+        for group in getattr(state, "_fsdp_param_groups", None) or ():
+            if getattr(group, "_reshard_after_forward", True):
+                continue
+            if any(id(getattr(fp, "sharded_param", None)) in ids for fp in getattr(group, "fsdp_params", ())):
+                raise ValueError(
+                    f"{name}: FSDP2 keeps some of the parameters gathered after a forward (the root module's own "
+                    "parameters, by default), so forward-only evaluations would not see the perturbed shards; "
+                    "wrap the root with fully_shard(model, reshard_after_forward=True)")

@@ -29,8 +29,8 @@ from .._core.validate import check_choice, check_number, check_optional
 from .._core.optimizer import is_state_init_step
 from .._core.wrapper import OptimizerWrapper
 from ..wrappers.gradient_penalty import closure_gradient
-from .._core.distributed import (average_values, check_same_seeds, is_dtensor, layout_of, loss_group,
-                                 shard_sum)
+from .._core.distributed import (average_values, check_regathered, check_same_seeds, is_dtensor, layout_of,
+                                 loss_group, shard_sum)
 from ._perturb import Directions, restore_, snapshot_low_precision
 
 __all__ = ["MGS", "sampling_step"]
@@ -575,6 +575,7 @@ class MGS(OptimizerWrapper):
             snapshot = snapshot_low_precision(dirs.targets)
         group = loss_group(type(self).__name__, active, None)  # task losses averaged over these ranks
         c0 = self._score(task_loss, "θ (c₀)", check_finite=group is None)
+        check_regathered("MGS", active)  # after a forward: FSDP2's state exists by then; nothing moved yet
         k = self.candidates
         # Below 2³²: the CPU generator (mt19937) keeps only the low 32 bits of a seed, so wider seeds
         # would only add collisions between candidates that differ above bit 32.

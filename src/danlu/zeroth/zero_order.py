@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from .._core.distributed import check_regathered
 from .._core.optimizer import DanluOptimizer, ParamsT, is_state_init_step
 from .._core.validate import check_choice, check_lr, check_number
 from ._perturb import DISTRIBUTIONS, Directions, snapshot_low_precision
@@ -267,7 +268,10 @@ class ZeroOrder(DanluOptimizer):
             their data. ``None`` (default): whenever torch.distributed is initialized with more than one
             rank (over the parameters' device mesh for FSDP2's DTensors, else the default group);
             ``True``: required (``ValueError`` without an initialized process group); ``False``: each
-            rank steps on its own losses (replicas then drift apart).
+            rank steps on its own losses (replicas then drift apart). Under FSDP2 wrap the root with
+            ``fully_shard(model, reshard_after_forward=True)``: by default FSDP2 keeps the root's own
+            parameters gathered after a forward, and forward-only evaluations would miss their
+            perturbation (refused with ``ValueError``).
 
     Returns (``step``): the loss at θ, i.e. the closure's own return value f(θ) when it was computed
     (one-sided with ``'f0'``), else the mean of the step's evaluations (an estimate of f_σ(θ); a
@@ -619,6 +623,12 @@ class _Run:
                 minus.append(v)
             if i < n - 1:
                 self._move(s, 0.0)
+        try:  # FSDP2 state is initialised by the first forward: checked after the evaluations, θ restored
+            check_regathered("ZeroOrder", self.params)
+        except ValueError:
+            if self.current is not None:
+                self._move(self.current[0], 0.0)
+            raise
         if self.group is not None:
             f0, plus, minus = self._average(f0, plus, minus)
         coefficients = zo_coefficients(plus, minus if two_sided else None, f0, sigma=sigma,
