@@ -193,6 +193,12 @@ def test_collectives_are_bucketed_across_tensors():
     assert 1 <= counts["adafactor-beta1"]["calls"] <= 4, counts
     assert counts["amos"]["calls"] == 1, counts  # the biases' v: a mean over their only (sharded) dim
     assert counts["egd-budget"]["calls"] <= 2, counts  # Σθ and Σθ⁻ of every tensor
+    # EGStepSize (paper form, per-tensor factors): the factors' sums and the scale's, one call each.
+    assert counts["eg-step-size-paper-tensor"]["calls"] == 2, counts
+    # MGS with K = 3 candidates: the gradient norm, the noise scales (mean |∇| per tensor), ‖∇‖², the
+    # seeds, per candidate n·n and n·∇, the task losses, the final clip's norm: 2K + 6, whatever the number
+    # of tensors.
+    assert counts["mgs-adamw"]["calls"] == 2 * 3 + 6, counts
 
 
 # --- shard_statistics="local" ------------------------------------------------------------------------------

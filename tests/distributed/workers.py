@@ -497,14 +497,34 @@ def collectives(rank: int, ws: int, out: str) -> dict[str, Any]:
     bucketed, so their number does not grow with the number of sharded tensors."""
     result: dict[str, Any] = {}
     x, y = batch()
-    for config in ("adafactor", "adafactor-beta1", "amos", "egd-budget", "lion"):
+    for config in ("adafactor", "adafactor-beta1", "amos", "egd-budget", "lion", "eg-step-size-paper-tensor",
+                   "mgs-adamw"):
         model = _shard_model(make_model(), "fsdp")
         opt = build(model, config)
         _train_steps(model, opt, config, range(1), rank, ws)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[1, _rows(rank, ws, 0, 1)]), y[1, _rows(rank, ws, 0, 1)]).backward()
+        rows = _rows(rank, ws, 0, 1)
+
+        def loss() -> torch.Tensor:
+            with _Paused(counter):  # the model's own collectives are not the optimizer's
+                return nn.functional.mse_loss(model(x[1, rows]), y[1, rows])
+
+        def closure() -> torch.Tensor:
+            with _Paused(counter):
+                opt.zero_grad()
+                out = nn.functional.mse_loss(model(x[1, rows]), y[1, rows])
+                out.backward()
+            return out
+
+        if _spec(config)[0] != "mgs":
+            closure_counter = _CountAllReduce()
+            with closure_counter:
+                counter = closure_counter
+                closure()
         with _CountAllReduce() as counter:
-            opt.step()
+            if _spec(config)[0] == "mgs":
+                opt.step(closure, lambda: float(loss()))
+            else:
+                opt.step()
         result[config] = {"calls": counter.calls, "bytes": counter.bytes}
     return result
 

@@ -52,7 +52,8 @@ from .numerics import rms as _plain_rms
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
            "loss_group", "check_same_seeds", "average_values", "all_zero",
-           "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics", "check_regathered"]
+           "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics", "check_regathered",
+           "sum_partials"]
 
 _tls = threading.local()
 _DTensor: Any = None
@@ -578,3 +579,26 @@ def check_regathered(name: str, params: Sequence[torch.Tensor]) -> None:
                     f"{name}: FSDP2 keeps some of the parameters gathered after a forward (the root module's own "
                     "parameters, by default), so forward-only evaluations would not see the perturbed shards; "
                     "wrap the root with fully_shard(model, reshard_after_forward=True)")
+
+
+def sum_partials(rows: Sequence[Sequence[torch.Tensor]], shards: Sequence[Shard | None]) -> list[list[torch.Tensor]]:
+    """``rows[i]``: 0-d local partial sums over the shard ``shards[i]`` of a parameter. Returns them summed
+    over the ranks where that parameter is sharded (the rest as given), with one all-reduce per process
+    group and dtype for all of them: the bucketed form of :func:`shard_sum` for a wrapper's per-tensor sums."""
+    out = [list(r) for r in rows]
+    buckets: dict[Any, list[tuple[int, int]]] = {}
+    groups: dict[int, Any] = {}
+    for i, (row, sh) in enumerate(zip(rows, shards)):
+        if sh is None or not sh.sharded:
+            continue
+        groups[id(sh.group)] = sh.group
+        for j, t in enumerate(row):
+            buckets.setdefault((id(sh.group), t.dtype, t.device), []).append((i, j))
+    import torch.distributed as dist  # noqa: PLC0415
+
+    for (gid, _, _), where in buckets.items():
+        flat = torch.stack([out[i][j].reshape(()) for i, j in where])
+        dist.all_reduce(flat, group=groups[gid])
+        for k, (i, j) in enumerate(where):
+            out[i][j] = flat[k]
+    return out

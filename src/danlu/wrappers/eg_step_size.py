@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._core.distributed import layout_of, local_state, on_shard, sum_over
+from .._core.distributed import layout_of, local_state, sum_partials
 from .._core.numerics import acc_dtype, propagate_nonfinite_
 from .._core.validate import check_choice, check_number, check_optional
 from .._core.wrapper import OptimizerWrapper
@@ -297,19 +297,26 @@ class EGStepSize(OptimizerWrapper):
         e = (h * gamma).clamp_(-self.max_exponent, self.max_exponent)
         return propagate_nonfinite_(e, h).exp_()
 
-    def _hyper(self, g: torch.Tensor, a: torch.Tensor, reduce: bool,
-               shard: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """H = g⊙a (summed if ``reduce``) in the accumulation dtype, and ‖g‖², ‖a‖² for the cosine. On an
-        FSDP2 shard (``shard``), the sums are over the whole parameter (``danlu._core.distributed``)."""
+    def _hyper(self, g: torch.Tensor, a: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H = g⊙a (summed if ``reduce``) in the accumulation dtype, and ‖g‖², ‖a‖² for the cosine; for an
+        FSDP2 shard the sums are local (see :meth:`_hypers`)."""
         dt = acc_dtype(g)
         h = g.to(dt) * a.to(dt)
         one = h.new_ones(())
         if not reduce:
             return h, one, one
-        with on_shard(shard):
-            if self.normalize is None:
-                return sum_over(h), one, one
-            return sum_over(h), sum_over(g.to(dt).square()), sum_over(a.to(dt).square())
+        if self.normalize is None:
+            return h.sum(), one, one
+        return h.sum(), g.to(dt).square().sum(), a.to(dt).square().sum()
+
+    def _hypers(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], reduce: bool,
+                shards: list[Any]) -> list[tuple[torch.Tensor, ...]]:
+        """:meth:`_hyper` of every (g, a); the sums of FSDP2 shards over the whole parameter, all of them in
+        one all-reduce (``danlu._core.distributed.sum_partials``)."""
+        parts = [self._hyper(g, a, reduce) for g, a in pairs]
+        if not reduce or all(sh is None for sh in shards):
+            return parts
+        return [tuple(row) for row in sum_partials(parts, shards)]
 
     def _normalized(self, h: torch.Tensor, gg: torch.Tensor, aa: torch.Tensor, reduce: bool) -> torch.Tensor:
         if self.normalize is None:
@@ -367,9 +374,9 @@ class EGStepSize(OptimizerWrapper):
 
             # 1. the factors, from g_t and the stored direction a_{t−1}
             group_h = []
-            for (p, g), state, shard in zip(items, states, shards):
-                a = state["egs_prev_grad"] if su else state["egs_exp_avg"]
-                h, gg, aa = self._hyper(g, a, reduce=gran != "coordinate", shard=shard)
+            hypers = self._hypers([(g, state["egs_prev_grad"] if su else state["egs_exp_avg"])
+                                   for (_, g), state in zip(items, states)], gran != "coordinate", shards)
+            for state, (h, gg, aa) in zip(states, hypers):
                 if gran == "group":
                     group_h.append((h, gg, aa))
                 else:
@@ -382,8 +389,8 @@ class EGStepSize(OptimizerWrapper):
                 gs["nu"].clamp_(self.nu_min, self.nu_max)
             if not su:
                 s = gs["scale"]
-                parts = [self._hyper(g, state["egs_prev_dir"], reduce=True, shard=shard)
-                         for (_, g), state, shard in zip(items, states, shards)]
+                parts = self._hypers([(g, state["egs_prev_dir"]) for (_, g), state in zip(items, states)], True,
+                                     shards)
                 h, gg, aa = self._sum(parts, s)
                 s.mul_(self._exponent(-self._normalized(h, gg, aa, True), gamma_s).to(s.dtype))
                 s.clamp_(self.scale_min, self.scale_max)

@@ -30,7 +30,7 @@ from .._core.optimizer import is_state_init_step
 from .._core.wrapper import OptimizerWrapper
 from ..wrappers.gradient_penalty import closure_gradient
 from .._core.distributed import (average_values, check_regathered, check_same_seeds, is_dtensor, layout_of,
-                                 loss_group, shard_sum)
+                                 loss_group, sum_partials)
 from ._perturb import Directions, restore_, snapshot_low_precision
 
 __all__ = ["MGS", "sampling_step"]
@@ -125,9 +125,16 @@ def _total(terms: list[torch.Tensor]) -> float:
     return sum(float(torch.stack(ts).sum()) for ts in by_device.values())
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor, shard: Any = None) -> torch.Tensor:
-    """⟨x, y⟩ in float64; for the local shards of an FSDP2 parameter (``shard``), over the whole parameter."""
-    return shard_sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()), shard)
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """⟨x, y⟩ in float64 (for the local shards of an FSDP2 parameter: the local part, see :func:`_summed`)."""
+    return torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+
+
+def _summed(values: list[torch.Tensor], shards: list[Any]) -> list[torch.Tensor]:
+    """Per-tensor local sums, summed over the ranks for FSDP2 shards: one all-reduce for all of them."""
+    if all(sh is None for sh in shards):
+        return values
+    return [row[0] for row in sum_partials([[v] for v in values], shards)]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -147,8 +154,7 @@ def _grad_norm(params: list[torch.Tensor], shards: list[Any]) -> torch.Tensor:
     squared norm summed over its shards, then over the parameters)."""
     if all(sh is None for sh in shards):
         return torch.nn.utils.get_total_norm([p.grad for p in params])
-    sq = [shard_sum(torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32).square(), sh)
-          for p, sh in zip(params, shards)]
+    sq = _summed([torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32).square() for p in params], shards)
     return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
 
 
@@ -424,18 +430,19 @@ class MGS(OptimizerWrapper):
 
     def _score_candidate(self, task_loss, dirs, seed, mle, grads, scales, omegas, snapshot, shards, synced):
         """c(θ + ε) by perturbing in place and restoring; also Σω n·n and Σω n·∇ for log q."""
-        nn_terms: list[torch.Tensor] = []
-        ng_terms: list[torch.Tensor] = []
+        dots: list[tuple[torch.Tensor, torch.Tensor, Any, Any]] = []  # (n·n, n·∇, ω, shard), local parts
         done = 0
         try:
             for (p, eps, n, g), w, sh in zip(self._epsilons(dirs, seed, mle, grads, scales), omegas, shards):
                 p.add_(eps)
                 done += 1
                 if w is not None:
-                    nn_terms.append(w * _dot(n, n, sh))
-                    ng_terms.append(w * _dot(n, g, sh))
+                    dots.append((_dot(n, n), _dot(n, g), w, sh))
             value = self._score(task_loss, f"candidate seed {seed}", check_finite=not synced)
-            return value, _total(nn_terms), _total(ng_terms)
+            sh_ = [d[3] for d in dots]
+            nn_ = _summed([d[0] for d in dots], sh_)
+            ng_ = _summed([d[1] for d in dots], sh_)
+            return value, _total([d[2] * v for d, v in zip(dots, nn_)]), _total([d[2] * v for d, v in zip(dots, ng_)])
         finally:
             if any(snap is None for snap in snapshot[:done]):
                 replay = self._epsilons(dirs, seed, mle, grads, scales)
@@ -554,9 +561,9 @@ class MGS(OptimizerWrapper):
         """Score c₀ and the K candidates; return (log w, mle flags, seeds, per-tensor noise scales, info)."""
         sigma = self.noise
         if self.noise_scale == "uniform":
-            scales = [sigma * shard_sum(torch.sum(g.abs(), dtype=torch.float64 if g.dtype == torch.float64
-                                                  else torch.float32), sh)
-                      / max(p.numel(), 1) for p, g, sh in zip(active, grads, shards)]
+            sums = _summed([torch.sum(g.abs(), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+                            for g in grads], shards)
+            scales = [sigma * t / max(p.numel(), 1) for p, t in zip(active, sums)]
         else:
             scales = [torch.tensor(sigma, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32,
                                    device=g.device) for g in grads]
@@ -566,7 +573,9 @@ class MGS(OptimizerWrapper):
             omegas = [1.0] * len(active)
         else:  # 'exact': ‖·‖² in units of each tensor's noise variance; noise-free tensors drop out
             omegas = [torch.where(s > 0, 1.0 / s.double().square(), 0.0) for s in scales]
-        aa = _total([w * _dot(g, g, sh) for g, w, sh in zip(grads, omegas, shards) if w is not None])
+        kept = [(g, w, sh) for g, w, sh in zip(grads, omegas, shards) if w is not None]
+        gg = _summed([_dot(g, g) for g, _, _ in kept], [sh for _, _, sh in kept])
+        aa = _total([w * v for (_, w, _), v in zip(kept, gg)])
 
         dirs = Directions(active)
         if self.restore == "snapshot":
