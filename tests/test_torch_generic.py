@@ -489,7 +489,7 @@ DB: list[DanluInfo] = [
             "test_load_nontensor_step": f"ZeroOrder {NO_STEP} (its only state is its generator)",
             "test_load_state_dict_post_hook_sees_loaded_state": f"ZeroOrder {NO_STEP}",
             "test_non_empty_state": "ZeroOrder keeps no per-parameter state (its only state is the generator, "
-                                    "in the top-level 'danlu_zero_order' entry)",
+                                    "in the top-level 'danlu_zero_order' entry and in param group 0)",
             "test_step_is_noop_for_zero_grads": ZO_NO_GRADS + ": zero gradients do not exist for it (the "
                                                 "constant-loss analogue is test_weight_decay_group_shrinks_without_grads)",
         },
