@@ -158,8 +158,13 @@ def baselines() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimize
 
 _DANLU_KWARGS: dict[str, dict[str, Any]] = {
     "tiger": dict(lr=1e-4), "amos": dict(lr=1e-2), "sgdm": dict(lr=1e-2),
-    "egd": dict(lr=1e-2, signed=True), "eg-step-size": dict(inner="adamw", meta_lr=1e-2),
+    "egd": dict(lr=1e-2), "eg-step-size": dict(inner="adamw", meta_lr=1e-2),
 }
+# Timed settings of a registry optimizer under a name of their own: (registry name, keywords).
+# ``egd`` itself is EGU (its default: positive parameters, no state); ``egd-signed`` is EG± (θ⁻ state).
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"egd-signed": ("egd", dict(lr=1e-2, signed=True))}
+# Optimizers whose parameters must be positive: timed on |θ| + 10⁻³ (same bytes, same shapes).
+_POSITIVE = {"egd"}
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -206,6 +211,12 @@ def run_speed(
         else:
             base_name, fused, bf16 = _split(name)
             kwargs = dict(_DANLU_KWARGS.get(base_name, {}))
+            if base_name in _VARIANTS:
+                base_name, kwargs = _VARIANTS[base_name][0], dict(_VARIANTS[base_name][1])
+            elif base_name in _POSITIVE:
+                with torch.no_grad():
+                    for p in params:
+                        p.abs_().add_(1e-3)
             if fused:
                 kwargs["fused"] = True
             if bf16:
@@ -260,7 +271,8 @@ def default_names() -> list[str]:
     from ..registry import OPTIMIZERS, list_optimizers
 
     names = [n for n in list_optimizers() if n not in _NEEDS_CLOSURE and not n.startswith("torch-")]
-    fused = [n + _FUSED for n in names if getattr(OPTIMIZERS.get(n), "_step_scalars", ())]
+    names += [v for v, (n, _) in _VARIANTS.items() if n in names]
+    fused = [n + _FUSED for n in names if getattr(OPTIMIZERS.get(_VARIANTS.get(n, (n,))[0]), "_step_scalars", ())]
     bf16 = [n + _FUSED + _BF16 for n in _BF16_NAMES if n + _FUSED in fused]
     return list(baselines()) + names + fused + bf16
 
