@@ -77,3 +77,16 @@ def test_bf16_state_variants_are_timed_with_half_the_state():
     assert res["lion-bf16"].path == "loop"
     assert res["lion-bf16"].state_bytes_per_param < res["lion"].state_bytes_per_param / 2 + 0.01
     assert res["lion-bf16"].bytes_per_param == 3 * 4 + 2 * res["lion-bf16"].state_bytes_per_param
+
+
+def test_egd_is_timed_in_both_modes():
+    """``egd`` is EGU, EGD's default (positive parameters, no state); ``egd-signed`` is EG± (θ⁻: one
+    parameter's worth of state); both are default names, with their fused variants."""
+    from danlu.bench.speed import default_names, is_valid_name
+
+    names = default_names()
+    for name in ("egd", "egd-fused", "egd-signed", "egd-signed-fused"):
+        assert name in names and is_valid_name(name, names)
+    by_name = {r.name: r for r in run_speed(["egd", "egd-signed"], n_params=2e4, repeats=1, warmup=1, bandwidth=1e10)}
+    assert by_name["egd"].state_bytes_per_param == 0.0
+    assert by_name["egd-signed"].state_bytes_per_param == 4.0
