@@ -218,9 +218,12 @@ ADAFACTOR = OptimSpec(
     kwargs=dict(lr=2e-2),
     bad=_lr_weight_decay_cases()
     + [
-        Bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, inf\]\)$"),
+        Bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, 1\)\)$"),
         Bad({"shard_statistics": "global"}, ValueError, r"^Invalid shard_statistics: 'global' \(expected 'exact' or 'local'\)$"),
         Bad({"decay_rate": -0.8}, ValueError, r"^Invalid decay_rate: -0\.8 "),
+        # 0 < c < 1 (kexue.fm/archives/7302): c = 1 weights all past gradients equally, c > 1 the old ones more.
+        Bad({"decay_rate": 1.0}, ValueError, r"^Invalid decay_rate: 1\.0 \(expected a number in \(0, 1\)\)$"),
+        Bad({"decay_rate": 1.5}, ValueError, r"^Invalid decay_rate: 1\.5 \(expected a number in \(0, 1\)\)$"),
         Bad({"eps": (-1e-30, 1e-3)}, ValueError, r"^Invalid eps\[0\]: -1e-30 \(expected a number in \[0, inf\]\)$"),
         Bad({"eps": (1e-30, -1e-3)}, ValueError, r"^Invalid eps\[1\]: -0\.001 \(expected a number in \[0, inf\]\)$"),
         Bad({"eps": 1e-30}, TypeError, r"^Invalid eps: 1e-30 \(expected a pair"),

@@ -329,7 +329,7 @@ DB: list[DanluInfo] = [
             lr_errors, wd_errors,
             lambda: [
                 bad({"relative_step": "yes"}, TypeError, r"^Invalid relative_step: 'yes' \(expected a bool\)$"),
-                bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, inf\]\)$"),
+                bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, 1\)\)$"),
                 bad({"beta1": 1.0}, ValueError, r"^Invalid beta1: 1\.0"),
                 bad({"eps": (1e-30,)}, TypeError, r"^Invalid eps: \(1e-30,\) \(expected a pair"),
                 bad({"clip_threshold": 0.0}, ValueError, r"^Invalid clip_threshold: 0\.0"),

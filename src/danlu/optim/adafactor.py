@@ -140,7 +140,10 @@ class Adafactor(DanluOptimizer):
             danlu ≤ 0.1, where a float lr was the absolute ρ).
         eps: (ε1, ε2) = (1e-30, 1e-3): ε1 regularises G², ε2 floors the parameter scale.
         clip_threshold: d, the bound on RMS(Û) (default 1.0).
-        decay_rate: c > 0 in β̂_t = 1 − t^(−c) (default 0.8).
+        decay_rate: c in β̂_t = 1 − t^(−c), 0 < c < 1 (default 0.8). β̂_1 = 0 and β̂_t → 1 for any c > 0;
+            c = 1 makes V̂ the plain mean of every past g² and c > 1 would weight old gradients above
+            recent ones, so c < 1 is required (Su's reading of the paper's condition; ``ValueError``
+            otherwise).
         beta1: momentum on Û (default ``None``: no momentum, no first-moment memory).
         weight_decay: λ, decoupled, multiplied by ρ_t (not by α_t) (default 0).
         scale_parameter: multiply ρ_t by max(ε2, RMS(θ)) (default ``True``).
@@ -228,7 +231,9 @@ class Adafactor(DanluOptimizer):
             raise TypeError(f"Invalid eps: {eps!r} (expected a pair (eps1, eps2))")
         group["eps"] = (check_number("eps[0]", eps[0], low=0.0), check_number("eps[1]", eps[1], low=0.0))
         check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
-        check_number("decay_rate", group["decay_rate"], low=0.0, low_open=True)
+        # 0 < c < 1 (Su, kexue.fm/archives/7302): c = 1 is the plain mean of all past g², equal weights;
+        # c > 1 would weight old gradients above recent ones. c ≤ 0 never forgets (β̂ ≤ 0).
+        check_number("decay_rate", group["decay_rate"], low=0.0, low_open=True, high=1.0, high_open=True)
         check_optional("beta1", group["beta1"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)
         check_bool("scale_parameter", group["scale_parameter"])
