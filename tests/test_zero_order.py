@@ -760,3 +760,56 @@ def test_sync_option_needs_a_process_group():
         opt = ZeroOrder([p], lr=0.1, sync=sync)
         assert opt.sync is sync
         opt.step(lambda: (p * p).sum())
+
+
+def test_optimal_baseline_formula():
+    """'optimal': b_i = Σ_{j≠i} f_j‖u_j‖² / Σ_{j≠i}‖u_j‖² (the variance-optimal E[f‖u‖²]/E‖u‖² of
+    kexue.fm/archives/7737, from the other samples), c_i = (f_i − b_i)/σ; computed by hand here."""
+    f = [3.0, 1.0, 2.0]
+    q = [2.0, 4.0, 1.0]
+    sigma = 0.5
+    want = []
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        b = sum(f[j] * q[j] for j in others) / sum(q[j] for j in others)
+        want.append((f[i] - b) / sigma)
+    assert zo_coefficients(f, None, None, sigma=sigma, baseline="optimal", sq_norms=q) == pytest.approx(want, rel=1e-15)
+    with pytest.raises(ValueError, match="sq_norms"):
+        zo_coefficients(f, None, None, sigma=sigma, baseline="optimal")
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^Invalid baseline: 'optimal' \(expected 'f0', None or a number with samples=1"):
+        ZeroOrder([p], lr=0.1, estimator="one_sided", baseline="optimal", samples=1)
+
+
+def _zo_estimates(f, d: int, baseline: str, samples: int, repeats: int, sigma: float) -> torch.Tensor:
+    """``repeats`` one-sided estimates ĝ at θ = 0 (from a ZeroOrder with an inner SGD at lr 0, which leaves
+    ĝ in .grad and θ in place), stacked."""
+    p = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    opt = ZeroOrder([p], optimizer=torch.optim.SGD([p], lr=0.0), sigma=sigma, samples=samples,
+                    estimator="one_sided", baseline=baseline, seed=1)
+    out = []
+    for _ in range(repeats):
+        opt.step(lambda: f(p))
+        out.append(p.grad.detach().clone())
+    return torch.stack(out)
+
+
+def test_optimal_baseline_is_unbiased_and_lowers_the_variance():
+    """f(θ) = 5 + gᵀθ + 500‖θ‖² at θ = 0, where f(θ + σu) grows with ‖u‖², over 600 steps of 32 Gaussian
+    samples (fixed seeds). The 'optimal' estimate's mean is ∇f_σ(0) = g within 4 standard errors per
+    coordinate (as 'leave_one_out''s). Its mean squared norm is below 'leave_one_out''s: for this f the
+    ideal ratio is E[(q − β*)²q] / E[(q − E q)²q] = (d+2)/(d+4) = 0.857 at d = 10 (q = ‖u‖² ~ χ²_d, β* = E q²/E q),
+    approached as the samples that estimate the baseline grow; measured 0.88 here, asserted < 0.93."""
+    d, sigma = 10, 0.1
+    g = torch.linspace(-1.0, 1.0, d, dtype=torch.float64)
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        return 5.0 + g @ theta + 500.0 * theta.square().sum()
+
+    opt_est = _zo_estimates(f, d, "optimal", 32, 600, sigma)
+    loo_est = _zo_estimates(f, d, "leave_one_out", 32, 600, sigma)
+    for est in (opt_est, loo_est):
+        se = est.std(dim=0) / math.sqrt(est.shape[0])
+        assert bool(((est.mean(dim=0) - g).abs() <= 4 * se).all())
+    ratio = float(opt_est.square().sum(dim=1).mean() / loo_est.square().sum(dim=1).mean())
+    assert ratio < 0.93, ratio

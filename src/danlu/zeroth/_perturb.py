@@ -84,6 +84,16 @@ class Directions:
         self._sphere_cache = (seed, factor)
         return factor
 
+    def sq_norm(self, seed: int) -> float:
+        """‖u(seed)‖² over every tensor, whole (an FSDP2 shard's parameter included), in float64: one more
+        draw of the direction."""
+        gens = self._generators(seed)
+        factor = self._sphere_factor(seed) if self.distribution == "sphere" else 1.0
+        total = 0.0
+        for p in self.params:
+            total += float(self._draw(p, gens[p.device]).double().square().sum())
+        return total * factor * factor
+
     def tensors(self, seed: int):
         """Yield ``(param, u_param)`` for the direction of ``seed``, one tensor at a time."""
         gens = self._generators(seed)

@@ -29,7 +29,7 @@ __all__ = ["ZeroOrder", "ZOStep", "reinforce_loss"]
 _ENTRY = "danlu_zero_order"
 _GROUP_RNG, _GROUP_SIGMA = "zo_generator", "zo_sigma"  # the same, in param group 0 (see ZeroOrder.state_dict)
 _ESTIMATORS = ("two_sided", "one_sided")
-_BASELINES = ("f0", "mean", "leave_one_out")
+_BASELINES = ("f0", "mean", "leave_one_out", "optimal")
 _SHAPINGS = (None, "centered_rank")
 # The CPU generator keeps only the low 32 bits of a seed (mt19937), so draw seeds in [0, 2^32): seeds
 # that differed only above bit 32 would otherwise give the same direction.
@@ -62,13 +62,13 @@ def _check_sigma(value: Any) -> float:
 def _check_baseline(baseline: Any, estimator: str, samples: int, shaping: str | None) -> Any:
     if isinstance(baseline, (str, type(None))):
         if baseline not in _BASELINES and baseline is not None:
-            _fail("baseline", baseline, "one of 'f0', 'mean', 'leave_one_out', None or a real number")
+            _fail("baseline", baseline, "one of 'f0', 'mean', 'leave_one_out', 'optimal', None or a real number")
     else:
         baseline = check_number("baseline", baseline)
     if estimator == "two_sided" and baseline != "f0":
         _fail("baseline", baseline, "the default 'f0' with estimator='two_sided', whose antithetic "
               "difference cancels any baseline; use estimator='one_sided' to choose one")
-    if baseline in ("mean", "leave_one_out") and samples < 2:
+    if baseline in ("mean", "leave_one_out", "optimal") and samples < 2:
         _fail("baseline", baseline, f"'f0', None or a number with samples={samples}: a baseline made of "
               "the other samples needs samples >= 2")
     if shaping is not None and isinstance(baseline, float):
@@ -103,13 +103,17 @@ def zo_coefficients(
     sigma: float,
     baseline: Any = "f0",
     fitness_shaping: str | None = None,
+    sq_norms: Sequence[float] | None = None,
 ) -> list[float]:
     """The scalars c_i of ĝ = (1/n)·Σ c_i·u_i from the loss values (the estimator without tensors).
 
     Two-sided (``minus`` given): c_i = (f⁺_i − f⁻_i)/(2σ). One-sided: c_i = (f_i − b_i)/σ with b_i = f0
-    (``'f0'``), the mean of all f_j (``'mean'``), the mean of the other f_j (``'leave_one_out'``), 0
-    (``None``) or a constant. ``fitness_shaping='centered_rank'`` first replaces every value (f0
-    included) by its centered rank among all values of the step.
+    (``'f0'``), the mean of all f_j (``'mean'``), the mean of the other f_j (``'leave_one_out'``), the
+    variance-optimal b* = E[f(θ+σu)‖u‖²]/E[‖u‖²] (``'optimal'``, Su, kexue.fm/archives/7737) estimated
+    from the other samples, b_i = Σ_{j≠i} f_j‖u_j‖² / Σ_{j≠i} ‖u_j‖² (``sq_norms`` = the ‖u_j‖²; leaving
+    sample i out keeps b_i independent of u_i, so the estimate stays unbiased), 0 (``None``) or a
+    constant. ``fitness_shaping='centered_rank'`` first replaces every value (f0 included) by its
+    centered rank among all values of the step.
     """
     n = len(plus)
     if fitness_shaping == "centered_rank":
@@ -128,6 +132,13 @@ def zo_coefficients(
     elif baseline == "leave_one_out":
         total = math.fsum(plus)
         bases = [(total - f) / (n - 1) for f in plus]
+    elif baseline == "optimal":
+        if sq_norms is None or len(sq_norms) != n:
+            raise ValueError("zo_coefficients: baseline='optimal' needs sq_norms, one ‖u_i‖² per sample")
+        bases = []
+        for i in range(n):
+            w = [sq_norms[j] for j in range(n) if j != i]
+            bases.append(math.fsum(plus[j] * sq_norms[j] for j in range(n) if j != i) / math.fsum(w))
     else:
         bases = [0.0 if baseline is None else float(baseline)] * n
     return [(f - b) / sigma for f, b in zip(plus, bases)]
@@ -253,9 +264,12 @@ class ZeroOrder(DanluOptimizer):
         estimator: ``"two_sided"`` (default, antithetic) or ``"one_sided"``.
         distribution: ``"gaussian"`` (default), ``"rademacher"`` or ``"sphere"``.
         baseline: one-sided only: ``"f0"`` (default, b = f(θ), one extra forward; Su's choice, O(σ²)
-            from the variance-optimal one for smooth f), ``"mean"``, ``"leave_one_out"`` (both need
-            samples ≥ 2), ``None`` (no baseline) or a constant. Two-sided needs none and accepts only
-            the default.
+            from the variance-optimal one for smooth f), ``"mean"``, ``"leave_one_out"``, ``"optimal"``
+            (the variance-optimal b* = E[f(θ+σu)‖u‖²]/E‖u‖², estimated for each sample from the others,
+            see :func:`zo_coefficients`; it costs one more draw of each direction for ‖u‖², and equals
+            ``"leave_one_out"`` for Rademacher and sphere directions, whose ‖u‖² is constant) (these
+            three need samples ≥ 2), ``None`` (no baseline) or a constant. Two-sided needs none and
+            accepts only the default.
         fitness_shaping: ``None`` (default) or ``"centered_rank"``.
         optimizer: None (default: SGD by seed replay) or an inner ``torch.optim.Optimizer`` over (at
             least) these parameters that steps from ``.grad`` alone (``LBFGS`` is refused).
@@ -631,8 +645,10 @@ class _Run:
             raise
         if self.group is not None:
             f0, plus, minus = self._average(f0, plus, minus)
+        sq_norms = [self.directions.sq_norm(s) for s in self.seeds] if opt.baseline == "optimal" else None
         coefficients = zo_coefficients(plus, minus if two_sided else None, f0, sigma=sigma,
-                                       baseline=opt.baseline, fitness_shaping=opt.fitness_shaping)
+                                       baseline=opt.baseline, fitness_shaping=opt.fitness_shaping,
+                                       sq_norms=sq_norms)
         if f0 is not None:
             return coefficients, loss0
         if all(isinstance(t, torch.Tensor) for t in losses):
