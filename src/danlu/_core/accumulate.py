@@ -183,15 +183,13 @@ class AccumulatingOptimizer(DanluOptimizer):
             if rows[-1] and sum(x.numel() for x in rows[-1]) + t.numel() > 1 << 24:
                 rows.append([])
             rows[-1].append(t)
+        from .distributed import all_reduce_flat_  # noqa: PLC0415
+
         for rows in buckets.values():
             for row in rows:
-                flat = torch.cat([t.reshape(-1) for t in row])
-                dist.all_reduce(flat)
-                flat.div_(ws)
-                offset = 0
+                all_reduce_flat_(row)
                 for t in row:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                    t.div_(ws)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -51,7 +51,7 @@ from .numerics import rms as _plain_rms
 
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
-           "loss_group", "check_same_seeds", "average_values", "all_zero",
+           "loss_group", "check_same_seeds", "average_values", "all_zero", "all_reduce_flat_",
            "shard_sum", "run_bucketed", "per_rank_shape", "check_shard_statistics", "check_regathered",
            "sum_partials"]
 
@@ -85,11 +85,9 @@ class Shard:
     over more than one rank, its global shape, and its local shard (``local``, a plain tensor that
     shares the parameter's storage)."""
 
-    __slots__ = ("param", "mesh", "placements", "group", "sharded", "global_shape", "local", "row_offset",
-                 "local_stats")
+    __slots__ = ("mesh", "placements", "group", "sharded", "global_shape", "local", "row_offset", "local_stats")
 
     def __init__(self, param: Any, local_stats: bool = False) -> None:
-        self.param = param
         # shard_statistics="local": reductions over the sharded dim stay on the shard (no communication);
         # statistics reduced over dim 0 are then one per rank (placed Shard(0) over ranks, see place_state).
         self.local_stats = local_stats
@@ -182,7 +180,7 @@ def _from_local(optimizer: Any, shard: Shard, group: dict[str, Any], key: str, l
 
     if not shard.sharded:
         return DTensor.from_local(local, shard.mesh, shard.placements, run_check=False)
-    placed = _placement(optimizer, key, shard, group, local)
+    placed = _placement(optimizer, key, shard, group)
     if placed in ("shard", "per_rank"):  # keeps the parameter's dim 0, or one row per rank
         rows = shard.global_shape[0] if placed == "shard" else shard.mesh.size()
         shape = torch.Size((rows, *local.shape[1:]))
@@ -199,7 +197,7 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _placement(optimizer: Any, key: str, shard: Shard, group: dict[str, Any], local: torch.Tensor) -> str:
+def _placement(optimizer: Any, key: str, shard: Shard, group: dict[str, Any]) -> str:
     out = optimizer._state_placement(key, shard.global_shape, group)
     if out not in ("shard", "replicate"):
         raise ValueError(f"{type(optimizer).__name__}._state_placement({key!r}) returned {out!r}")
@@ -213,7 +211,7 @@ def per_rank_shape(optimizer: Any, key: str, p: Any, group: dict[str, Any], shap
     shard = layout_of(p, group=group)
     if shard is None or not shard.sharded or not shard.local_stats or not len(shape):
         return shape
-    if _placement(optimizer, key, shard, group, torch.empty(0)) != "per_rank":
+    if _placement(optimizer, key, shard, group) != "per_rank":
         return shape
     return torch.Size((shard.mesh.size(), *shape[1:]))
 
@@ -233,7 +231,7 @@ def place_state(optimizer: Any, shard: Shard, group: dict[str, Any], state: dict
             if is_dtensor(v):
                 state[k] = v.full_tensor()
             continue
-        placed = _placement(optimizer, k, shard, group, v) if shard.sharded else "shard"
+        placed = _placement(optimizer, k, shard, group) if shard.sharded else "shard"
         if (placed == "shard" and is_dtensor(v) and v.shape == shard.global_shape
                 and tuple(v.placements) == shard.placements):
             continue  # shaped and placed like the parameter already (a statistic of a one-row parameter may
@@ -311,10 +309,25 @@ def _all_reduce(t: torch.Tensor, sh: Shard, op: str) -> torch.Tensor:
     bucket = getattr(_tls, "bucket", None)
     if bucket is not None:  # a kernel run by run_bucketed: joins the round's flat collective
         return bucket[0].submit(bucket[1], t, sh.group, op)
+    all_reduce_flat_([t], sh.group, op)
+    return t
+
+
+def all_reduce_flat_(tensors: Sequence[torch.Tensor], group: Any = None, op: str = "sum") -> None:
+    """All-reduce ``tensors`` (one dtype and device) in place, as one collective on their concatenation
+    (``op``: ``"sum"`` or ``"max"``; ``group`` None: the default process group)."""
     import torch.distributed as dist  # noqa: PLC0415
 
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=sh.group)
-    return t
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0], op=reduce_op, group=group)
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=reduce_op, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class _Rounds:
@@ -343,8 +356,6 @@ class _Rounds:
             self.cond.notify_all()
 
     def drive(self) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: len(self.pending) + len(self.done) == self.n)
@@ -357,12 +368,7 @@ class _Rounds:
                 buckets.setdefault((id(group), op, t.dtype, t.device), []).append((i, t))
             groups = {id(g): g for _, (_, g, _) in batch}
             for (gid, op, _, _), items in buckets.items():
-                flat = torch.cat([t.reshape(-1) for _, t in items])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=groups[gid])
-                offset = 0
-                for _, t in items:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                all_reduce_flat_([t for _, t in items], groups[gid], op)
             with self.cond:
                 self.released.update(i for i, _ in batch)
                 self.cond.notify_all()

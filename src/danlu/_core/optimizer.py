@@ -230,13 +230,23 @@ class DanluOptimizer(torch.optim.Optimizer):
 
     def _init_states(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """Create the missing state of ``work``'s parameters (as their first step would) and nothing else."""
+        from . import distributed as dist_  # noqa: PLC0415
+
         for p, group in work:
             state = self.state[p]
             if len(state) == 0:
-                self._init_state(p, group, state)
-                self._place_new_state(p, group, state)
-                if group.get("state_dtype") is not None:
-                    self._init_stored(p, group, state)
+                self._create_state(p, group, state, dist_.layout_of(p, group=group))
+
+    def _create_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], shard: Any) -> None:
+        """A parameter's first state: ``_init_state``, placed as DTensors for an FSDP2 ``shard``
+        (``distributed.place_state``), stored in ``state_dtype`` where the group sets one."""
+        self._init_state(p, group, state)
+        if shard is not None:
+            from .distributed import place_state  # noqa: PLC0415
+
+            place_state(self, shard, group, state)
+        if group.get("state_dtype") is not None:
+            self._init_stored(p, group, state)
 
     def _update_all(self, work: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """One step for every (parameter, group) of ``work``: initialise state, then the fused path for
@@ -252,11 +262,7 @@ class DanluOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             shard = dist_.layout_of(p, group=group) if sharded else None
             if len(state) == 0:
-                self._init_state(p, group, state)
-                if shard is not None:
-                    dist_.place_state(self, shard, group, state)
-                if group.get("state_dtype") is not None:
-                    self._init_stored(p, group, state)
+                self._create_state(p, group, state, shard)
             elif group.get("state_dtype") == torch.bfloat16 and "sr_step" not in state:
                 self._init_stored(p, group, state)  # state_dtype set on the group after this state was made
             if p.numel() == 0:

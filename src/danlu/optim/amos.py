@@ -141,12 +141,9 @@ class Amos(DanluOptimizer):
             device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
             (default False). The first step compiles (seconds; cached in the optimizer); lr and momentum
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
-        shard_statistics: under FSDP2, how the quantities that span the sharded dim 0 are computed:
-            ``"exact"`` (default) over the whole parameter, with explicit all-reduces (the result equals
-            one process); ``"local"`` over each rank's own rows, with no communication: the statistics
-            reduced over dim 0 are then one per rank (saved as such: a checkpoint resumes on the same
-            number of ranks only) and the trajectory depends on the number of ranks. No effect without
-            sharding (one process, DDP).
+        shard_statistics: as in :class:`danlu.Adafactor` (default ``"exact"``); here it concerns the
+            means of g² over dim 0, i.e. tensors whose ``reduce_dims`` include it (by default the 1-D
+            ones: biases, norm gains), whose ``v`` and ``b`` are then one per rank with ``"local"``.
 
     References:
         Tian & Parikh, "Amos: An Adam-style Optimizer with Adaptive Weight Decay towards
