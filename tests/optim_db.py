@@ -193,8 +193,21 @@ TIGER = OptimSpec(
     name="Tiger",
     cls=danlu.Tiger,
     kwargs=dict(lr=3e-3, beta=0.9),
-    bad=_lr_weight_decay_cases() + _beta_cases() + _accum_cases() + _sync_window_cases(),
-    variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2, weight_decay=0.1)},
+    bad=_lr_weight_decay_cases() + _beta_cases() + _accum_cases() + _sync_window_cases() + [
+        Bad({"lr_scale": "row"}, ValueError, r"^Invalid lr_scale: 'row' \(expected one of None, 'rms', 'row_rms'\)$"),
+        Bad({"lr_scale": 1}, TypeError, r"^Invalid lr_scale: 1 \(expected one of None, 'rms', 'row_rms'\)$"),
+        Bad({"on_nan": "zero"}, ValueError, r"^Invalid on_nan: 'zero' \(expected one of 'propagate', 'skip'\)$"),
+        Bad({"shrink": 0.0}, ValueError, r"^Invalid shrink: 0\.0 \(expected a number in \(0, 1\]\)$"),
+        Bad({"shrink": 1.5}, ValueError, r"^Invalid shrink: 1\.5 \(expected a number in \(0, 1\]\)$"),
+        Bad({"shrink_center": float("nan")}, ValueError, r"^Invalid shrink_center: nan"),
+    ],
+    variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2, weight_decay=0.1),
+              # Su's recipe: lr relative to RMS(θ) (here one lr for every tensor), NaN skip-and-shrink.
+              "recipe": dict(lr=3e-2, lr_scale="rms", on_nan="skip", weight_decay=0.01),
+              "recipe_accum": dict(lr=3e-2, lr_scale="row_rms", on_nan="skip", accum_steps=2)},
+    skips={key: ("on_nan='skip' skips a tensor's step on a non-finite gradient and shrinks it instead of "
+                 "propagating the NaN (Su's strategy); tests/test_tiger_recipe.py checks that contract")
+           for key in ("test_nonfinite_grad_shows_in_params/recipe", "test_nonfinite_grad_shows_in_params/recipe_accum")},
 )
 
 ADAX = OptimSpec(
@@ -511,6 +524,24 @@ GRADIENT_PENALTY = _wrapper_specs(
     requires_closure=True,
 )
 
+SCALE_AWARE_STEP = _wrapper_specs(
+    danlu.ScaleAwareStep,
+    # lr is α0, the relative change per step; the inner optimizer's weight decay must be 0.
+    dict(lr=1e-2, weight_decay=0.0, q=1.0),
+    [
+        Bad({"q": 0.0}, ValueError, r"^Invalid q: 0\.0 \(expected a number in \(0, inf\]\)$", in_group=False),
+        Bad({"decay": 1}, TypeError, r"^Invalid decay: 1 \(expected a bool\)$", in_group=False),
+        Bad({"bias_sigma": -1.0}, ValueError, r"^Invalid bias_sigma: -1\.0", in_group=False),
+        Bad({"weight_decay": 0.1}, ValueError, r"^Invalid weight_decay of param group 0: 0\.1 \(expected 0",
+            in_group=False),
+    ],
+    variants={"SGDM": {"no_decay": dict(decay=False)}},
+    skips={"torch-SGD": {"test_state_dict_from_other_layout_is_refused@other_shapes": (
+        "ScaleAwareStep's own entries are 0-d and torch.optim.SGD.load_state_dict does not check state shapes "
+        "(as for GradientPenalty[torch-SGD]); the danlu inners refuse them")}},
+    acc_state=frozenset({"sas_scale"}),  # ‖ε0‖ = √k·σ, kept in float32 for 16-bit params
+)
+
 def _mgs_step(opt: torch.optim.Optimizer, closure: Callable) -> Any:
     """The battery has one closure (forward + backward of a loss): it is MGS's surrogate, and its loss
     value, re-evaluated at each candidate, is the task loss (MGS holds the surrogate gradient apart
@@ -596,7 +627,8 @@ ZERO_ORDER = OptimSpec(
     },
 )
 
-OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY, *MGS_SPECS, ZERO_ORDER]
+OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY, *MGS_SPECS,
+                           *SCALE_AWARE_STEP, ZERO_ORDER]
 
 
 def spec_by_name(name: str) -> OptimSpec:

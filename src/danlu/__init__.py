@@ -15,17 +15,25 @@ from .optim.lion import Lion, Tiger
 from .optim.sgdm import SGDM
 from .registry import create_optimizer, list_optimizers
 from .schedule import StepOnUpdate
-from .recipes import ScaleAwareSchedule, lion_from_adamw, scale_aware_groups, scale_aware_lr_lambda
+from .recipes import (LION_PRESETS, ScaleAwareSchedule, lion_from_adamw, lion_preset, scale_aware_groups,
+                      scale_aware_lr_lambda, tiger_groups)
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
+from .wrappers.scale_aware_step import ScaleAwareStep
 from .zeroth.mgs import MGS, sampling_step
-from .zeroth.zero_order import ZeroOrder, reinforce_loss
+from .zeroth.zero_order import Alternating, ZeroOrder, reinforce_loss, score_sq_norms
 
 __version__ = "0.1.0"
 
 __all__ = sorted(
     [
         "AdaX",
+        "Alternating",
+        "LION_PRESETS",
+        "ScaleAwareStep",
+        "lion_preset",
+        "score_sq_norms",
+        "tiger_groups",
         "AdamW",
         "Adafactor",
         "Amos",

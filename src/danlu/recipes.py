@@ -9,15 +9,16 @@ the weight decay should be one order higher in the step size than the update.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from ._core.modules import classify_parameters
+from ._core.numerics import acc_dtype
 from ._core.validate import check_number, check_optional
 
-__all__ = ["lion_from_adamw", "scale_aware_groups", "ScaleAwareSchedule", "scale_aware_lr_lambda"]
+__all__ = ["lion_from_adamw", "scale_aware_groups", "tiger_groups", "lion_preset", "LION_PRESETS", "LionPreset", "ScaleAwareSchedule", "scale_aware_lr_lambda"]
 
 
 def lion_from_adamw(lr: float, weight_decay: float, factor: float = 10.0) -> dict[str, float]:
@@ -38,13 +39,61 @@ def lion_from_adamw(lr: float, weight_decay: float, factor: float = 10.0) -> dic
     return {"lr": lr / factor, "weight_decay": weight_decay * factor}
 
 
+class LionPreset(NamedTuple):
+    """One of the Lion paper's settings: Lion's ``lr``, ``betas`` and ``weight_decay``, the baseline it
+    was compared with (``baseline``: "AdamW lr 1e-3, λ 1.0"), and where the numbers are stated."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    baseline: str
+    source: str
+
+
+_PAPER = "Chen et al., arXiv:2302.06675 §5; google/automl lion/README.md"
+LION_PRESETS: dict[str, LionPreset] = {
+    "vit-imagenet": LionPreset(1e-4, (0.9, 0.99), 10.0, "AdamW lr 1e-3, weight decay 1.0",
+                               f"ViT-B/16 on ImageNet with strong augmentation; {_PAPER}"),
+    "diffusion": LionPreset(3e-5, (0.9, 0.99), 0.1, "AdamW lr 3e-4, weight decay 0.01",
+                            f"diffusion models; {_PAPER}"),
+    "lm-7.5b": LionPreset(1e-4, (0.95, 0.98), 0.01, "Adafactor lr 1e-3, weight decay 0.001",
+                          f"7.5B-parameter language model; {_PAPER} (β for language tasks: §5)"),
+    "lm-base": LionPreset(3e-4, (0.95, 0.98), 0.01, "(as read by Su)",
+                          "base-size language models: Su's reading of the paper's Table 12, kexue.fm/archives/9473; "
+                          "β for language tasks: arXiv:2302.06675 §5"),
+    "lm-large": LionPreset(2e-4, (0.95, 0.98), 0.01, "(as read by Su)",
+                           "language models above 1B parameters: Su's reading of Table 12 (lr lowered to 2e-4, "
+                           "down to 1e-4), kexue.fm/archives/9473; β: arXiv:2302.06675 §5"),
+}
+
+
+def lion_preset(name: str) -> dict[str, Any]:
+    """The Lion paper's ``lr``, ``betas`` and ``weight_decay`` for a setting, as keywords for :class:`danlu.Lion`::
+
+        opt = danlu.Lion(model.parameters(), **danlu.lion_preset("vit-imagenet"))  # lr 1e-4, λ 10
+
+    Names (see :data:`LION_PRESETS` for each one's baseline and source): ``"vit-imagenet"``,
+    ``"diffusion"``, ``"lm-7.5b"`` (the three worked examples of the paper's §5), ``"lm-base"`` and
+    ``"lm-large"`` (Su's reading of its hyperparameter table, kexue.fm/archives/9473). They are where
+    the paper's tuning ended for its models and batch sizes (thousands), not defaults for small
+    runs: the paper's rule, lr 3–10× below and λ 3–10× above a tuned AdamW, is :func:`lion_from_adamw`.
+    Tiger's β for vision and for language are :attr:`danlu.Tiger.BETA_CV` and :attr:`danlu.Tiger.BETA_NLP`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"Invalid preset name: {name!r} (expected a str)")
+    preset = LION_PRESETS.get(name.strip().lower())
+    if preset is None:
+        raise ValueError(f"Unknown Lion preset {name!r}; known: {', '.join(LION_PRESETS)}")
+    return {"lr": preset.lr, "betas": preset.betas, "weight_decay": preset.weight_decay}
+
+
 def _init_scale(name: str, p: torch.Tensor, kind: str, bias_sigma: float, norm_sigma: float) -> float:
     if kind == "bias":
         return bias_sigma
     if kind == "norm_gain":
         return norm_sigma
     if p.numel() > 1:
-        std = float(p.detach().float().std())
+        std = float(p.detach().to(acc_dtype(p)).std())
         if std > 0.0 and math.isfinite(std):
             return std
     if p.dim() >= 2 and p.numel() > 0:
@@ -96,6 +145,44 @@ def scale_aware_groups(
         sigma = check_number(f"sigma of {name}", sigma, low=0.0, low_open=True)
         groups.setdefault((alpha0 * sigma, alpha0 / (2.0 * q * sigma)), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd, **group_options) for (lr, wd), ps in groups.items()]
+
+
+def tiger_groups(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    *,
+    elementwise_factor: float = 0.5,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    r"""Param groups for :class:`danlu.Tiger` with Su's per-tensor recipe (kexue.fm/archives/9512, bojone/tiger).
+
+    With α = ``lr`` the global relative lr (Su: max 1e-3–2e-3; schedule it with ``torch.optim.lr_scheduler``)::
+
+        matrices and other tensors   η_t = α·RMS(θ_{t−1})            λ = weight_decay   (lr_scale="rms")
+        embeddings                   η_t = α·RMS(row of θ_{t−1})     λ = weight_decay   (lr_scale="row_rms")
+        biases, norm β and γ         η_t = α·0.5                     λ = 0
+
+    and, for ``on_nan="skip"``, each group's neutral value: c = 1 for norm gains, 0 otherwise. Roles are
+    read off the modules (``nn.Embedding``/``EmbeddingBag`` weights, the parameters of normalisation
+    layers, parameters named ``bias``), where the reference matches variable names. ``group_options``
+    (e.g. ``on_nan="skip"``) are added to every group. Frozen parameters are left out, shared ones
+    appear once; empty groups are dropped. Use with ``danlu.Tiger(danlu.tiger_groups(model), beta=...)``.
+    """
+    lr = check_number("lr", lr, low=0.0)
+    weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+    elementwise_factor = check_number("elementwise_factor", elementwise_factor, low=0.0)
+    roles: dict[str, list[torch.Tensor]] = {"matrix": [], "embedding": [], "bias": [], "norm_gain": []}
+    for _, p, kind in classify_parameters(model):
+        role = kind if kind in ("embedding", "bias", "norm_gain") else "matrix"
+        roles[role].append(p)
+    settings = {
+        "matrix": dict(lr=lr, lr_scale="rms", weight_decay=weight_decay, shrink_center=0.0),
+        "embedding": dict(lr=lr, lr_scale="row_rms", weight_decay=weight_decay, shrink_center=0.0),
+        "bias": dict(lr=lr * elementwise_factor, lr_scale=None, weight_decay=0.0, shrink_center=0.0),
+        "norm_gain": dict(lr=lr * elementwise_factor, lr_scale=None, weight_decay=0.0, shrink_center=1.0),
+    }
+    return [dict(params=ps, **settings[role], **group_options) for role, ps in roles.items() if ps]
 
 
 class ScaleAwareSchedule:

@@ -36,7 +36,7 @@ _TAG = "danlu_optimizer"
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 # Options added after danlu 0.1: a saved group without them takes the optimizer's default.
-_LATER_OPTIONS = frozenset({"fused", "state_dtype", "shard_statistics"})
+_LATER_OPTIONS = frozenset({"fused", "state_dtype", "shard_statistics", "lr_scale", "on_nan", "shrink", "shrink_center"})
 _STATE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _SR_KEY = "sr_key"  # the fused path's precomputed rounding key, in ``derived``
 

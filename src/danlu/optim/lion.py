@@ -6,12 +6,16 @@ from typing import Any
 
 import torch
 
-from .._core.accumulate import AccumulatingOptimizer
-from .._core.numerics import add_scaled_, decoupled_decay_, propagate_nonfinite_
+from .._core import distributed as dist_
+from .._core.accumulate import PENDING, AccumulatingOptimizer
+from .._core.numerics import acc_dtype, add_scaled_, decoupled_decay_, propagate_nonfinite_
 from .._core.optimizer import ParamsT
-from .._core.validate import check_betas, check_lr, check_number
+from .._core.validate import check_betas, check_choice, check_lr, check_number
 
-__all__ = ["Lion", "Tiger", "lion_update"]
+__all__ = ["Lion", "Tiger", "lion_update", "tiger_lr"]
+
+LR_SCALES = (None, "rms", "row_rms")
+ON_NAN = ("propagate", "skip")
 
 
 def lion_update(
@@ -37,6 +41,32 @@ def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor
     update = propagate_nonfinite_(torch.sign(c), c)
     decoupled_decay_(param, lr, weight_decay)
     add_scaled_(param, update, -lr)
+
+
+def tiger_lr(param: torch.Tensor, lr: float | torch.Tensor, lr_scale: str | None) -> float | torch.Tensor:
+    """Tiger's per-tensor lr (kexue.fm/archives/9512): ``lr`` as is (``None``), ``lr·RMS(θ)`` over the
+    whole tensor (``"rms"``, a 0-d tensor) or ``lr·RMS`` over the last dim, one per row (``"row_rms"``, shape
+    ``(..., 1)``; the whole-tensor RMS for tensors of fewer than 2 dims). θ is the pre-update parameter;
+    RMS is accumulated in ≥ float32 and, under FSDP2, over the whole parameter."""
+    if lr_scale is None:
+        return lr
+    x = param.detach()
+    if lr_scale == "row_rms" and x.dim() >= 2:
+        ss = dist_.sum_over(x.to(acc_dtype(x)).square(), dim=-1, keepdim=True)
+        return lr * ss.div_(max(x.shape[-1], 1)).sqrt_()
+    return lr * dist_.rms(x)
+
+
+def _any_nonfinite(grad: torch.Tensor) -> torch.Tensor:
+    """0-d bool: does ``grad`` (under FSDP2: the whole gradient, on every rank) hold a NaN or ±inf?
+    ``g − g`` is NaN exactly there (see ``numerics.propagate_nonfinite_``), so its sum is not finite."""
+    return ~torch.isfinite(dist_.sum_over(grad - grad))
+
+
+def _shrink_(param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """Tiger's answer to a bad gradient: θ ← (θ − c)·s + c, out of place (s = ``shrink``, c = ``shrink_center``)."""
+    c = group["shrink_center"]
+    return param.sub(c).mul_(group["shrink"]).add_(c)
 
 
 class _SignMomentum(AccumulatingOptimizer):
@@ -166,24 +196,49 @@ class Tiger(_SignMomentum):
     For each parameter (m_0 = 0)::
 
         m_t = β·m_{t−1} + (1 − β)·g_t
-        θ_t = θ_{t−1}·(1 − η·λ) − η·sign(m_t)
+        θ_t = θ_{t−1}·(1 − η_t·λ) − η_t·sign(m_t)
 
     This is exactly :class:`Lion` with ``betas=(β, β)`` (the interpolation c_t equals the new m_t),
     and, because θ depends on the gradients only through the EMA, it is the optimizer for which
     gradient accumulation inside the momentum is exact. State: ``exp_avg`` only.
 
+    **Su's recipe** (kexue.fm/archives/9512 and its reference code bojone/tiger ``tiger.py``), per param
+    group, most easily set up by :func:`danlu.tiger_groups`:
+
+    - the lr is relative: η_t = ``lr``·RMS(θ_{t−1}) for matrices (``lr_scale="rms"``), ``lr``·RMS over the
+      last dim, one value per row, for embeddings (``"row_rms"``), and ``lr``·0.5 for biases and the
+      normalisation β and γ (a fixed lr; :func:`danlu.tiger_groups` halves it), with zero weight decay on
+      those. Su's ``lr`` (his α_t, the relative change per step) peaks at 1e-3–2e-3. The decay λ is
+      multiplied by the scaled η_t, as in the reference. A tensor whose RMS is 0 (a zero-initialised
+      matrix) gets η_t = 0 and never moves: give such tensors a fixed lr.
+    - non-finite gradients (``on_nan="skip"``): when a tensor's gradient holds a NaN (or ±inf), that
+      tensor's step is skipped (m_t = m_{t−1}) and θ shrinks toward its neutral value,
+      θ_t = (θ_{t−1} − c)·s + c, with s = ``shrink`` (0.99) and c = ``shrink_center`` (1 for norm gains, 0
+      otherwise). The loss rises a little and training usually recovers (Su: for mixed-precision
+      NaNs of a configuration that trains in float32, not for an lr that is too large).
+    - β: 0.965 for NLP (the mean of the Lion paper's (0.95, 0.98)), :attr:`BETA_CV` = 0.945 for vision
+      (the mean of its (0.9, 0.99)).
+
     Args:
         params: parameters or param groups.
-        lr: η (default 1e-4, Lion's: the update is the same sign step; Su's scale-aware recipe,
-            :func:`danlu.scale_aware_groups`, sets it per tensor).
-        beta: β (default 0.965).
-        weight_decay: λ, decoupled and multiplied by lr (default 0).
+        lr: η (default 1e-4, Lion's: the update is the same sign step); with ``lr_scale``, the relative
+            lr α (Su: max 1e-3–2e-3).
+        beta: β (default 0.965, :attr:`BETA_NLP`; :attr:`BETA_CV` = 0.945 for vision).
+        weight_decay: λ, decoupled and multiplied by the (scaled) lr (default 0; Su uses 0.01 on matrices).
         accum_steps: k ≥ 1 micro-batches per update, folded into m (default 1). m decays by β once per
             window and absorbs each micro-gradient with weight (1−β)/k; θ moves on the k-th call. This is
             **exact**: k micro-batches equal one step on the k-times-larger batch, to rounding (equal
             micro-batch sizes, mean-reduced loss, no batch-coupled layers). Cost: no gradient buffer;
             :meth:`fuse_into_backward` also frees each ``.grad`` as soon as it is folded in.
-        fused, state_dtype: as in :class:`Lion` (``beta`` is the scalar that enters as a 0-d tensor).
+        lr_scale: None (default: η = ``lr``), ``"rms"`` or ``"row_rms"`` (see the recipe above).
+        on_nan: ``"propagate"`` (default: the affected entries of θ become NaN, as in :class:`Lion`) or
+            ``"skip"`` (skip the tensor's step and shrink it). With ``accum_steps`` > 1 a bad
+            micro-gradient is left out of its window (θ shrinks then, and the window's other
+            micro-gradients still move θ at its end).
+        shrink: s in (0, 1] for ``on_nan="skip"`` (default 0.99).
+        shrink_center: c for ``on_nan="skip"`` (default 0.0).
+        fused, state_dtype: as in :class:`Lion` (``beta`` is the scalar that enters as a 0-d tensor); the
+            recipe's options work on the fused path too.
         sync_window: as in :class:`Lion`.
 
     References:
@@ -191,16 +246,24 @@ class Tiger(_SignMomentum):
         bojone/tiger. Lion: arXiv:2302.06675.
 
     Deviations:
-        Su's reference adds its own lr schedule and per-parameter lr scaling; here those are the job of
-        :func:`danlu.scale_aware_groups` and ``torch.optim.lr_scheduler``. Non-finite gradients make the
-        affected parameter entries NaN (see :class:`Lion`).
+        The reference's built-in piecewise-linear lr schedule is left to ``torch.optim.lr_scheduler``.
+        ``on_nan="skip"`` also skips on ±inf (the reference tests NaN only; an infinite gradient would
+        leave m infinite for good). With accumulation the reference skips the window's θ move when the
+        bad micro-gradient is the last one and drops the window's decay when it is the first; here the
+        bad micro-batch is simply left out. The check for a bad gradient costs one reduction per tensor
+        (no host sync, except with ``accum_steps`` > 1).
     """
+
+    BETA_NLP = 0.965
+    BETA_CV = 0.945
 
     def __init__(
         self, params: ParamsT, lr: float = 1e-4, beta: float = 0.965, weight_decay: float = 0.0, accum_steps: int = 1,
-        *, fused: bool = False, state_dtype: torch.dtype | None = None, sync_window: bool = False,
+        *, lr_scale: str | None = None, on_nan: str = "propagate", shrink: float = 0.99, shrink_center: float = 0.0,
+        fused: bool = False, state_dtype: torch.dtype | None = None, sync_window: bool = False,
     ) -> None:
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, fused=fused,
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, lr_scale=lr_scale, on_nan=on_nan,
+                                      shrink=shrink, shrink_center=shrink_center, fused=fused,
                                       state_dtype=state_dtype), accum_steps, sync_window)
 
     _step_scalars = ("lr", "beta", "weight_decay")
@@ -211,6 +274,40 @@ class Tiger(_SignMomentum):
         group["lr"] = check_lr(group["lr"])
         check_number("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_choice("lr_scale", group.get("lr_scale"), LR_SCALES)
+        if check_choice("on_nan", group.get("on_nan", "propagate"), ON_NAN) == "skip" and self.sync_window:
+            raise ValueError("Invalid on_nan: 'skip' (expected 'propagate' with sync_window=True: micro-gradients are "
+                             "rank-local there, so one rank would skip and shrink while the others step)")
+        group["shrink"] = check_number("shrink", group.get("shrink", 0.99), low=0.0, high=1.0, low_open=True)
+        group["shrink_center"] = check_number("shrink_center", group.get("shrink_center", 0.0))
 
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         return group["beta"], group["beta"]
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        lr = tiger_lr(p, group["lr"], group.get("lr_scale"))
+        beta, m = group["beta"], state["exp_avg"]
+        if group.get("on_nan", "propagate") == "propagate":
+            lion_update(p, grad, m, lr=lr, beta1=beta, beta2=beta, weight_decay=group["weight_decay"])
+            return
+        # Branch-free (no host sync; the same graph on the fused path): both outcomes, then a select.
+        bad = _any_nonfinite(grad)
+        m.copy_(torch.where(bad, m, add_scaled_(m.mul(beta), grad, 1.0 - beta)))
+        stepped = p.clone()
+        sign_step_(stepped, m, lr=lr, weight_decay=group["weight_decay"])
+        p.copy_(torch.where(bad, _shrink_(p, group), stepped))
+
+    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+        sign_step_(p, state["exp_avg"], lr=tiger_lr(p, group["lr"], group.get("lr_scale")),
+                   weight_decay=group["weight_decay"])
+
+    def _fold_local(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                    t: int, apply: bool = True) -> None:
+        if (self.accum_steps == 1 or group.get("on_nan", "propagate") == "propagate"
+                or not bool(_any_nonfinite(grad))):
+            super()._fold_local(p, grad, state, group, t, apply)
+            return
+        p.copy_(_shrink_(p, group))  # the bad micro-batch is left out of the window
+        if t == self.accum_steps and apply and state[PENDING]:
+            self._apply(p, None, state, group)
+            state[PENDING] = False

@@ -20,11 +20,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from .._core.distributed import check_regathered
+from .._core.numerics import acc_dtype
 from .._core.optimizer import DanluOptimizer, ParamsT, is_state_init_step
 from .._core.validate import check_choice, check_lr, check_number
 from ._perturb import DISTRIBUTIONS, Directions, snapshot_low_precision
 
-__all__ = ["ZeroOrder", "ZOStep", "reinforce_loss"]
+__all__ = ["ZeroOrder", "ZOStep", "reinforce_loss", "score_sq_norms", "Alternating"]
 
 _ENTRY = "danlu_zero_order"
 _GROUP_RNG, _GROUP_SIGMA = "zo_generator", "zo_sigma"  # the same, in param group 0 (see ZeroOrder.state_dict)
@@ -725,7 +726,30 @@ class _Run:
                 (g if g is not None and p is self.params[k] else g.to_local()).add_(u, alpha=c / n)
 
 
-def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean") -> torch.Tensor:
+def score_sq_norms(log_probs: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖∇_θ log p_θ(y_i)‖² for every sample i of a 1-D ``log_probs`` (one backward pass per sample,
+    graph retained), summed over ``params``; detached, in ``log_probs``' dtype. The weights of
+    :func:`reinforce_loss`'s ``baseline="optimal"``."""
+    if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 1:
+        raise ValueError("score_sq_norms: log_probs must be a 1-D tensor of per-sample log-probabilities, got "
+                         + (f"shape {tuple(log_probs.shape)}" if isinstance(log_probs, torch.Tensor) else
+                            type(log_probs).__name__))
+    params = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+    if not params:
+        raise ValueError("score_sq_norms: params holds no tensor that requires grad")
+    if not log_probs.requires_grad:
+        raise ValueError("score_sq_norms: log_probs carries no graph (computed under no_grad, or detached)")
+    out = []
+    for i in range(log_probs.shape[0]):
+        grads = torch.autograd.grad(log_probs[i], params, retain_graph=True, allow_unused=True)
+        out.append(sum((g.detach().to(acc_dtype(g)).square().sum() for g in grads if g is not None),
+                       torch.zeros((), dtype=acc_dtype(log_probs), device=log_probs.device)))
+    return torch.stack(out).to(log_probs.dtype)
+
+
+def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean", *,
+                   params: Sequence[torch.Tensor] | None = None,
+                   sq_norms: torch.Tensor | None = None) -> torch.Tensor:
     r"""The score-function (REINFORCE) surrogate: minimising it ascends the expected reward.
 
     For samples y_i ∼ p_θ with rewards r_i (dim 0 indexes the samples)::
@@ -739,6 +763,15 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
     samples, Su's practical choice) scales the expected gradient by (n − 1)/n. Both of these need
     n ≥ 2 samples and are computed along dim 0, separately for every other index.
 
+    ``"optimal"``: the baseline that minimises the estimate's variance (its second moment
+    E[(r − b)²‖∇log p‖²]; Su, kexue.fm/archives/7737), b* = E[r·‖∇log p‖²] / E[‖∇log p‖²], the reward
+    weighted by each sample's squared score norm. It is estimated leave-one-out, b_i = Σ_{j≠i} r_j s_j /
+    Σ_{j≠i} s_j with s_j = ‖∇_θ log p_θ(y_j)‖², so that b_i does not depend on sample i and the estimate
+    stays unbiased (where the others' s_j are all 0: the leave-one-out mean). It needs 1-D
+    ``log_probs`` (n ≥ 2 samples) and the weights: ``sq_norms`` (shape (n,)) or ``params``, from which
+    :func:`score_sq_norms` computes them with one backward pass per sample (the cost Su names as the
+    reason the plain mean is used in practice).
+
     For a Gaussian search distribution x = μ + σu, log p(x) = −‖x − μ‖²/(2σ²) + const, so ∇_μ log p =
     u/σ, and with rewards r = −f(x) this is exactly the one-sided estimate of :class:`ZeroOrder` with
     the matching baseline (``baseline=b`` here is ``baseline=−b`` there): evolution strategies and
@@ -747,7 +780,9 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
     Args:
         log_probs: log p_θ(y_i) of the sampled outputs, floating point, shape (n, ...); carries the graph.
         rewards: r_i, same shape as ``log_probs`` (tensor or sequence of numbers; detached).
-        baseline: ``"mean"`` (default), ``"leave_one_out"``, ``None``, a number or a tensor.
+        baseline: ``"mean"`` (default), ``"leave_one_out"``, ``"optimal"``, ``None``, a number or a tensor.
+        params: for ``baseline="optimal"``: the parameters whose score norms weight the rewards.
+        sq_norms: for ``baseline="optimal"``: the precomputed ‖∇log p(y_i)‖² (instead of ``params``).
 
     Returns:
         The 0-d surrogate loss (its value is not the expected reward; only its gradient means something).
@@ -763,9 +798,30 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
         raise ValueError(f"reinforce_loss: rewards of shape {tuple(r.shape)} do not match log_probs of shape "
                          f"{tuple(log_probs.shape)}")
     n = r.shape[0]
+    if (params is not None or sq_norms is not None) and baseline != "optimal":
+        raise ValueError("reinforce_loss: params= and sq_norms= serve baseline='optimal' only")
+    if baseline == "optimal":
+        if log_probs.dim() != 1 or n < 2:
+            _fail("baseline", baseline, f"a baseline other than 'optimal' for log_probs of shape {tuple(log_probs.shape)} "
+                  "('optimal' needs 1-D log_probs with at least 2 samples)")
+        if (params is None) == (sq_norms is None):
+            raise ValueError("reinforce_loss: baseline='optimal' needs exactly one of params= (to compute the score "
+                             "norms) or sq_norms= (precomputed ‖∇log p(y_i)‖², shape (n,))")
+        if sq_norms is None:
+            s = score_sq_norms(log_probs, list(params))  # type: ignore[arg-type]
+        else:
+            s = torch.as_tensor(sq_norms, device=r.device).detach().to(r.dtype)
+            if s.shape != r.shape or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+                raise ValueError(f"reinforce_loss: sq_norms must be {n} finite non-negative numbers (shape "
+                                 f"{tuple(r.shape)}), got shape {tuple(s.shape)}")
+        rs = r * s
+        den = s.sum() - s
+        loo = (r.sum() - r) / (n - 1)
+        b = torch.where(den > 0, (rs.sum() - rs) / den.clamp_min(torch.finfo(r.dtype).tiny), loo)
+        return -((r - b) * log_probs).mean()
     if isinstance(baseline, str):
         if baseline not in ("mean", "leave_one_out"):
-            _fail("baseline", baseline, "one of 'mean', 'leave_one_out', None, a real number or a tensor")
+            _fail("baseline", baseline, "one of 'mean', 'leave_one_out', 'optimal', None, a real number or a tensor")
         if n < 2:
             _fail("baseline", baseline, f"None, a number or a tensor with {n} sample(s): it is made of the "
                   "other samples' rewards")
@@ -778,3 +834,91 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
     else:
         b = torch.tensor(check_number("baseline", baseline), dtype=r.dtype, device=r.device)
     return -((r - b) * log_probs).mean()
+
+
+class Alternating:
+    r"""Su's hybrid: gradient steps on a differentiable surrogate alternating with zeroth-order steps on the metric.
+
+    Zeroth-order estimates have a variance that grows with the number of parameters, so Su
+    (kexue.fm/archives/7737) suggests them as an auxiliary: "differentiable objective + ordinary
+    gradient + large lr" alternating with "non-differentiable objective + zeroth-order gradient + small
+    lr". This helper runs ``gradient_steps`` steps of ``gradient_optimizer`` (any torch optimizer, with
+    the large lr) on ``loss_closure`` (zero_grad, forward, backward, return the loss), then
+    ``zero_order_steps`` steps of ``zero_order`` (a :class:`ZeroOrder`, with the small lr, on the same
+    parameters or a part of them) on ``metric_closure`` (forward only, returns the metric to
+    minimise, e.g. the 0-1 error), and repeats::
+
+        phase = (t mod (G + Z));   t < G: gradient step on the surrogate;   else: ZO step on the metric
+
+    Each :meth:`step` is one step of one of the two; it returns ``(kind, value)`` with kind
+    ``"gradient"`` or ``"zero_order"`` and the closure's loss. The position in the cycle is in
+    :meth:`state_dict` (with both optimizers' state dicts).
+    """
+
+    def __init__(self, gradient_optimizer: torch.optim.Optimizer, zero_order: ZeroOrder, *,
+                 gradient_steps: int = 1, zero_order_steps: int = 1) -> None:
+        if not isinstance(gradient_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Alternating: gradient_optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(gradient_optimizer).__name__}")
+        if not isinstance(zero_order, ZeroOrder):
+            raise TypeError(f"Alternating: zero_order must be a danlu.ZeroOrder, got {type(zero_order).__name__}")
+        if gradient_optimizer is zero_order:
+            raise ValueError("Alternating: gradient_optimizer and zero_order must be two optimizers")
+        self.gradient_steps = int(check_number("gradient_steps", gradient_steps, low=0, integer=True))
+        self.zero_order_steps = int(check_number("zero_order_steps", zero_order_steps, low=0, integer=True))
+        if self.gradient_steps + self.zero_order_steps == 0:
+            raise ValueError("Alternating: gradient_steps + zero_order_steps must be at least 1")
+        self.gradient_optimizer = gradient_optimizer
+        self.zero_order = zero_order
+        self.t = 0
+
+    @property
+    def next_kind(self) -> str:
+        """``"gradient"`` or ``"zero_order"``: what the next :meth:`step` does."""
+        return "gradient" if self.t % (self.gradient_steps + self.zero_order_steps) < self.gradient_steps \
+            else "zero_order"
+
+    def step(self, loss_closure: Callable[[], Any], metric_closure: Callable[[], Any]) -> tuple[str, Any]:
+        """One step of the cycle: ``gradient_optimizer.step(loss_closure)`` or ``zero_order.step(metric_closure)``."""
+        if not callable(loss_closure) or not callable(metric_closure):
+            raise TypeError("Alternating.step needs two closures: loss_closure (zero_grad, forward, backward, "
+                            "return the loss) and metric_closure (forward only, return the metric)")
+        kind = self.next_kind
+        if kind == "gradient":
+            value = self.gradient_optimizer.step(loss_closure)
+        else:
+            value = self.zero_order.step(metric_closure)
+        self.t += 1
+        return kind, value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "gradient_steps": self.gradient_steps, "zero_order_steps": self.zero_order_steps,
+                "gradient_optimizer": self.gradient_optimizer.state_dict(),
+                "zero_order": self.zero_order.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`; the cycle lengths must match this helper's."""
+        if not isinstance(state_dict, dict) or not {"t", "gradient_optimizer", "zero_order"} <= set(state_dict):
+            raise ValueError("Alternating.load_state_dict expects what Alternating.state_dict() returns")
+        t = state_dict["t"]
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"Alternating.load_state_dict: t={t!r} (expected an int ≥ 0)")
+        saved = (state_dict.get("gradient_steps"), state_dict.get("zero_order_steps"))
+        if saved != (self.gradient_steps, self.zero_order_steps):
+            raise ValueError(f"Alternating.load_state_dict: saved with (gradient_steps, zero_order_steps)={saved}, "
+                             f"this helper has {(self.gradient_steps, self.zero_order_steps)}")
+        # Check both before changing either: a failed second load must not leave the first loaded.
+        import copy  # noqa: PLC0415
+
+        grad_before = copy.deepcopy(self.gradient_optimizer.state_dict())
+        self.gradient_optimizer.load_state_dict(state_dict["gradient_optimizer"])
+        try:
+            self.zero_order.load_state_dict(state_dict["zero_order"])
+        except Exception:
+            self.gradient_optimizer.load_state_dict(grad_before)
+            raise
+        self.t = t
+
+    def __repr__(self) -> str:
+        return (f"Alternating(gradient_steps={self.gradient_steps}, zero_order_steps={self.zero_order_steps}, "
+                f"t={self.t})")
