@@ -432,7 +432,7 @@ def _wrapper_specs(
         my_skips = dict((skips or {}).get(label, {}))
         if label == "torch-SGD":
             my_skips["test_state_dict_with_invalid_hyperparameter_is_refused"] = _TORCH_SGD_NO_LOAD_CHECKS
-            if wrapper in (danlu.GradientPenalty, danlu.MGS):
+            if wrapper in (danlu.GradientPenalty, danlu.MGS, danlu.ChiGated):
                 # No per-parameter entries of its own: a torch optimizer's dict passes to SGD as is.
                 my_skips["test_state_dict_from_torch_optimizer_is_refused"] = _TORCH_SGD_NO_LOAD_CHECKS
             # The same wrapper around another inner: the wrapper's part matches, the inner's is not checked.
@@ -522,6 +522,31 @@ GRADIENT_PENALTY = _wrapper_specs(
         },
     },
     requires_closure=True,
+)
+
+_CHI_GATED_WINDOW = ("k = 2: the battery's third step, the first after the scheduler halves the lr, is a gated "
+                     "micro-step on which θ does not move in either run; tests/test_chi_gate.py checks schedulers "
+                     "over whole windows, and variant k1 runs this test")
+CHI_GATED = _wrapper_specs(
+    danlu.ChiGated,
+    dict(k=2, rescale_betas=True),
+    [
+        Bad({"k": 0}, ValueError, r"^Invalid k: 0", in_group=False),
+        Bad({"k": 2.5}, TypeError, r"^Invalid k: 2\.5", in_group=False),
+    ],
+    variants={"SGDM": {"chi_only": dict(rescale_betas=False), "k1": dict(k=1)}},
+    skips={label: {
+        "test_scheduler_change_takes_effect/default": _CHI_GATED_WINDOW,
+        **({"test_scheduler_change_takes_effect/chi_only": _CHI_GATED_WINDOW} if label == "SGDM" else {}),
+        **({"test_complex_params_raise_type_error": (
+                "torch.optim.SGD takes complex params and ChiGated only gates its lr (as GradientPenalty passes "
+                "them on)"),
+            "test_sparse_grad_raises_and_changes_nothing": (
+                "torch.optim.SGD supports sparse gradients and ChiGated only gates its lr"),
+            "test_state_dict_from_other_layout_is_refused@other_shapes": (
+                "ChiGated keeps no per-parameter state and torch.optim.SGD.load_state_dict does not check state "
+                "shapes (as for GradientPenalty[torch-SGD])")} if label == "torch-SGD" else {}),
+    } for label in WRAPPER_INNERS},
 )
 
 SCALE_AWARE_STEP = _wrapper_specs(
@@ -628,7 +653,7 @@ ZERO_ORDER = OptimSpec(
 )
 
 OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY, *MGS_SPECS,
-                           *SCALE_AWARE_STEP, ZERO_ORDER]
+                           *SCALE_AWARE_STEP, *CHI_GATED, ZERO_ORDER]
 
 
 def spec_by_name(name: str) -> OptimSpec:

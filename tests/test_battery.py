@@ -452,7 +452,7 @@ def _innermost(spec: OptimSpec) -> type:
 
 
 # Wrappers that keep no per-parameter state of their own: without the tags their dict is the inner's.
-_TRANSPARENT = (danlu.GradientPenalty, danlu.MGS)
+_TRANSPARENT = (danlu.GradientPenalty, danlu.MGS, danlu.ChiGated)
 
 
 def _untagged_indistinguishable(spec: OptimSpec, source: OptimSpec) -> str | None:

@@ -693,6 +693,56 @@ def test_paper_form_scale_grows_when_steps_agree_and_shrinks_when_they_oscillate
     assert run(1.9) < 1.0  # overshooting: successive steps oppose
 
 
+def paper_sgdm_reference(theta0, A, steps, lr, mu, beta, gamma_p, gamma_s, gains_in_momentum=True):
+    """float64 reference of the paper's SGDM form (Amid et al., arXiv:2202.00145, as summarised in the
+    EGStepSize docstring), on the gradients of ``quadratic_grads``: p_t = p_{t−1}⊙exp(γ_p m_{t−1}⊙g_t),
+    s_t = s_{t−1}·exp(γ_s⟨h_{t−1}, g_t⟩), m_t = βm_{t−1} + (1−β)g_t, h_t = μh_{t−1} + η p_t⊙g_t,
+    θ_t = θ_{t−1} − s_t h_t. ``gains_in_momentum=False`` is the wrapper's documented variant: h_t =
+    μh_{t−1} + η g_t, θ_t = θ_{t−1} − s_t p_t⊙h_t, and s aligns g_t with p_{t−1}⊙h_{t−1}."""
+    theta = theta0.clone()
+    p = torch.ones_like(theta)
+    s = 1.0
+    m = torch.zeros_like(theta)
+    h = torch.zeros_like(theta)
+    step_dir = torch.zeros_like(theta)  # the scale-free direction of the last step: h, or p⊙h
+    for t in range(steps):
+        g = A * theta + math.sin(0.7 * t)
+        p = p * torch.exp(gamma_p * m * g)
+        s = s * math.exp(gamma_s * float((step_dir * g).sum()))
+        m = beta * m + (1 - beta) * g
+        h = mu * h + lr * (p * g if gains_in_momentum else g)
+        step_dir = h if gains_in_momentum else p * h
+        theta = theta - s * step_dir
+    return theta, p, s
+
+
+@pytest.mark.parametrize("mu,gamma_p", [(0.0, 0.3), (0.9, 0.0), (0.9, 0.3)])
+def test_paper_form_is_the_papers_sgdm_in_float64(mu, gamma_p):
+    """form="paper" around torch SGD(momentum=μ) against the paper's equations: equal when μ = 0 or the gains
+    are frozen; with both on it is the documented variant (gains outside the momentum), which differs."""
+    gamma_s, lr, beta, steps = 0.2, 0.05, 0.9, 30
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(7, generator=g, dtype=torch.float64)
+    A = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    x = theta0.clone().requires_grad_()
+    opt = EGStepSize(torch.optim.SGD([x], lr=lr, momentum=mu), meta_lr=gamma_p, form="paper", beta=beta,
+                     scale_meta_lr=gamma_s, max_exponent=1e6, nu_min=1e-300, nu_max=1e300,
+                     scale_min=1e-300, scale_max=1e300)
+    for t in range(steps):
+        quadratic_grads([x], [A], t)
+        opt.step()
+    got = (x.detach(), opt.state[x]["egs_nu"], float(opt.param_groups[0]["egs_scale"]))
+    assert got[2] != 1.0 and (gamma_p == 0.0) == bool((got[1] == 1.0).all())  # both factors moved (or ν is frozen)
+    exact = mu == 0.0 or gamma_p == 0.0
+    want = paper_sgdm_reference(theta0, A, steps, lr, mu, beta, gamma_p, gamma_s, gains_in_momentum=exact)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+    assert got[2] == pytest.approx(want[2], rel=1e-12)
+    if not exact:
+        paper = paper_sgdm_reference(theta0, A, steps, lr, mu, beta, gamma_p, gamma_s)
+        assert float((got[0] - paper[0]).abs().max()) > 1e-2  # the deviation is real, not rounding
+
+
 def test_wrapper_learns_on_the_mlp_and_added_groups_get_state():
     model, X, y = mlp()
     opt = EGStepSize(torch.optim.SGD(model[0].parameters(), lr=0.1), meta_lr=1e-2, form="paper", granularity="group")

@@ -17,6 +17,7 @@ from .registry import create_optimizer, list_optimizers
 from .schedule import StepOnUpdate
 from .recipes import (LION_PRESETS, ScaleAwareSchedule, lion_from_adamw, lion_preset, scale_aware_groups,
                       scale_aware_lr_lambda, tiger_groups)
+from .wrappers.chi_gate import ChiGated
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty, flood, igr_strength
 from .wrappers.scale_aware_step import ScaleAwareStep
@@ -29,6 +30,7 @@ __all__ = sorted(
     [
         "AdaX",
         "Alternating",
+        "ChiGated",
         "LION_PRESETS",
         "ScaleAwareStep",
         "lion_preset",

@@ -158,10 +158,16 @@ def _sklearn_split(loader: Any, n_val: int, name: str, y_dtype: torch.dtype):
 # --------------------------------------------------------------------------- digits
 
 
-def _build_digits(seed: int) -> Problem:
+def _build_digits(seed: int, batch: int = 64) -> Problem:
+    """The digits MLP; ``batch`` rows per training step (64, the registered task's; experiments that
+    vary the batch size build with another, e.g. ``functools.partial(_build_digits, batch=256)``)."""
     from sklearn.datasets import load_digits
 
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise TypeError(f"batch must be an int, got {type(batch).__name__}")
     xt, yt, xv, yv = _sklearn_split(load_digits, 360, "digits", torch.long)
+    if not 1 <= batch <= len(yt):
+        raise ValueError(f"batch must be in [1, {len(yt)}] (the train split's rows), got {batch}")
     with _seeded_init("digits", seed, "init"):
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -169,7 +175,7 @@ def _build_digits(seed: int) -> Problem:
         return F.cross_entropy(model(xt[idx]), yt[idx])
 
     def train_loss(step: int) -> torch.Tensor:
-        return batch_loss(_batch(len(yt), 64, "digits", seed, step))
+        return batch_loss(_batch(len(yt), batch, "digits", seed, step))
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

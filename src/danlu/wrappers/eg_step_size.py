@@ -80,13 +80,34 @@ class EGStepSize(OptimizerWrapper):
     different principle from Adam's, which enlarges steps where gradients are persistently small).
     At ``tensor``/``group`` granularity the product g_{t−1}⊙g_t is summed over the tensor/group.
 
-    **Paper form** (``form="paper"``, Amid et al.): per-unit gains p (here ν) and a global scale s::
+    **Paper form** (``form="paper"``; Amid, Anil, Fifty & Warmuth): per-unit gains ν (the paper's p) and
+    a global scale s (one per param group), both moved by EGU::
 
         ν_t = ν_{t−1} ⊙ exp(γ·m_{t−1}⊙g_t),          m_t = β·m_{t−1} + (1 − β)·g_t
         s_t = s_{t−1} · exp(−γ_s·⟨g_t, d_{t−1}⟩),    d_t = ν_t⊙u_t   (so θ_t − θ_{t−1} = s_t·d_t)
 
     −⟨g_t, d_{t−1}⟩ is the exact one-step hypergradient −∂L(θ_{t−1})/∂s_{t−1} for any inner optimizer;
-    m_{t−1} stands in for g_{t−1} in the gains. The paper's momentum h is the inner optimizer's.
+    the averaged gradient m_{t−1} stands in for g_{t−1} in the gains. With ``torch.optim.SGD(lr=η,
+    momentum=μ)`` (no dampening) inside, −d_{t−1} = η·ν_{t−1}⊙b_{t−1} is the momentum buffer b, so the
+    scale follows the alignment of the momentum with the current gradient, as in the paper's SGDM form::
+
+        p_t = p_{t−1}⊙exp(γ_p·m_{t−1}⊙g_t),   s_t = s_{t−1}·exp(γ_s·⟨h_{t−1}, g_t⟩),
+        h_t = μ·h_{t−1} + η·p_t⊙g_t,           θ_t = θ_{t−1} − s_t·h_t
+
+    The two are equal (to float rounding) when μ = 0 or when the gains are frozen (``meta_lr=0`` with
+    ``scale_meta_lr`` set); otherwise they differ in where the gains sit (Deviations). With an inner
+    optimizer without momentum, d_{t−1} is just the previous step (plain SGD: −η·ν⊙g_{t−1}), not an
+    average, and s follows the alignment of successive gradients (a multiplicative hypergradient
+    descent, Baydin et al.); with Adam or Lion it is their preconditioned step, decoupled weight decay
+    included. The two hypergradients have different natural scales (H of s sums over the group and
+    carries the lr; H of ν is per coordinate), so the default γ_s = γ rarely suits both: at a γ that
+    moves s, raw per-coordinate gains of a small MLP hardly move.
+
+    Sources: the paper's full text (its algorithm box, experiments, any normalisation or bounds) was not
+    available when this was written. The form above was checked against its abstract (a global scale
+    following the alignment of the average and the current gradient, gains updated similarly, both by
+    EG), Su's essay (which derives the simplified per-coordinate rule and calls the paper's form more
+    elaborate but the same idea) and a secondary summary of the paper's SGDM form (the equations above).
 
     Every exponent is clamped, exp(clamp(γH, ±κ)), and the factors are clipped to their bounds:
     ν ∈ [nu_min, nu_max], s ∈ [scale_min, scale_max]. ``normalize="cosine"`` replaces H by
@@ -124,7 +145,8 @@ class EGStepSize(OptimizerWrapper):
             e^{±0.5} per step).
         nu_min, nu_max: bounds of ν, 0 < nu_min ≤ 1 ≤ nu_max (default 1e-2, 1e2).
         beta: β of the EMA m (paper form only; default None → 0.9).
-        scale_meta_lr: γ_s ≥ 0 of the global scale (paper form only; default None → ``meta_lr``).
+        scale_meta_lr: γ_s ≥ 0 of the global scale (paper form only; default None → ``meta_lr``; its
+            natural scale is not γ's, see the paper form).
         scale_min, scale_max: bounds of s, 0 < scale_min ≤ 1 ≤ scale_max (default 1e-3, 1e3).
         normalize: None (default, the faithful rules) or ``"cosine"``.
 
@@ -135,14 +157,15 @@ class EGStepSize(OptimizerWrapper):
         Lineage: Jacobs' delta-bar-delta, Sutton's IDBD, Baydin et al.'s hypergradient descent.
 
     Deviations:
-        The paper integrates the scales into SGDM (its momentum h is built from the scaled update);
-        this wrapper scales the inner optimizer's finished update instead, so the inner momentum does
-        not see the scales. The clamp κ and the bounds are safety rails (Su's essay has neither; the
-        paper bounds s). The paper's per-``global`` granularity across param groups and an RMS
-        normalisation of H are not offered. Parameters the inner optimizer moves without a gradient are
-        not rescaled. Sparse and complex gradients are refused; the inner optimizer must step from
-        ``.grad`` alone (no LBFGS). A NaN or ±inf in g_t makes the affected factors NaN (the clamp
-        would otherwise hide it), which then shows in the parameters.
+        In the paper's SGDM the gains sit inside the momentum (h_t sums each step's p_k⊙g_k); this
+        wrapper scales the inner optimizer's finished update, so the inner momentum sees raw gradients
+        and the current ν multiplies the whole buffer. The clamp κ and the bounds on ν and s are danlu's
+        safety rails (Su's essay has neither; whether the paper clips or bounds was not verified). There
+        is no granularity across param groups and no normalisation besides ``"cosine"`` (danlu's option,
+        not the paper's). Parameters the inner optimizer moves without a gradient are not rescaled.
+        Sparse and complex gradients are refused; the inner optimizer must step from ``.grad`` alone (no
+        LBFGS). A NaN or ±inf in g_t makes the affected factors NaN (the clamp would otherwise hide it),
+        which then shows in the parameters.
     """
 
     _prefix = "egs_"

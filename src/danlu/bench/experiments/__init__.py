@@ -25,6 +25,12 @@ _MODULES = {
     "implicit-regularization": "implicit_regularization",
     "zero-order": "zero_order",
     "amos": "amos",
+    "lion-batch-size": "lion_batch_size",
+    "fewer-updates": "fewer_updates",
+    "recipes-transfer": "recipes_transfer",
+    "adax-beta": "adax_beta",
+    "sampling-view": "sampling_view",
+    "eg-distribution-shift": "eg_distribution_shift",
 }
 EXPERIMENT_NAMES: tuple[str, ...] = tuple(_MODULES)
 
