@@ -39,5 +39,10 @@ def test_zero_order_experiment_tiny(tmp_path: Path) -> None:
     # The verdict's cosine is the σ = ZO_SIGMA entry of the sweep.
     assert data["cos_zo_pg"] == data["cos_zo_pg_by_sigma"][str(zo_exp.ZO_SIGMA)]
     assert all(0.0 <= t <= 1.0 for t in data["mgs_all_candidates_tied"] + data["mgs_sigma_matched_all_candidates_tied"])
+    # The MGS arm runs at the non-tying 'uniform' noise with the reference β, the ablation at the ZO arm's
+    # constant σ with β = n_train (read back from the optimizers, not from the constants' names).
+    assert data["mgs_settings"]["MGS"] == {"noise": zo_exp.MGS_NOISE, "noise_scale": "uniform", "beta": 100.0}
+    assert data["mgs_settings"][zo_exp.MGS_TUNED] == {"noise": zo_exp.ZO_SIGMA, "noise_scale": "constant",
+                                                     "beta": float(data["n_train"])}
     for arm in zo_exp.ARMS:
         assert all(0.0 <= e <= 1.0 and math.isfinite(e) for e in data["train_error"][arm])
