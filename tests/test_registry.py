@@ -26,7 +26,8 @@ def test_every_exported_optimizer_has_a_name():
 
 REQUIRED = {"tiger": dict(lr=1e-3), "amos": dict(lr=0.1), "sgdm": dict(lr=0.1), "egd": dict(lr=0.1),
             "torch-sgd": dict(lr=0.1), "zero-order": dict(lr=0.1),
-            "eg-step-size": dict(meta_lr=0.01), "gradient-penalty": dict(strength=1e-3), "mgs": {}}
+            "eg-step-size": dict(meta_lr=0.01), "gradient-penalty": dict(strength=1e-3), "mgs": {},
+            "chi-gated": dict(k=4), "scale-aware-step": dict(weight_decay=0.0)}
 
 
 @pytest.mark.parametrize("name", danlu.list_optimizers())

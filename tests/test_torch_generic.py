@@ -446,6 +446,44 @@ DB: list[DanluInfo] = [
                "test_load_state_dict_post_hook_sees_loaded_state": f"GradientPenalty[SGDM] {NO_STEP}"},
     ),
     DanluInfo(
+        "ScaleAwareStep[AdamW]", danlu.ScaleAwareStep, build=wrapped(danlu.ScaleAwareStep, danlu.AdamW),
+        base_kwargs={"weight_decay": 0.0},  # the inner's own decay must be 0: the wrapper applies ρ_t
+        optim_inputs_func=inputs(
+            ("q=1", {}),
+            ("q=2, no decay", {"q": 2.0, "decay": False, "lr": 1e-2}),
+        ),
+        optim_error_inputs_func=errors(
+            wrapper_errors(danlu.ScaleAwareStep, [
+                ({"q": 0.0}, ValueError, r"^Invalid q: 0\.0"),
+                ({"decay": 1}, TypeError, r"^Invalid decay: 1"),
+            ]),
+            sparse_step=r"does not support sparse gradients"),
+        has_step=True,
+        has_weight_decay=False,
+        inner_steps=1,
+        skips={k: "ScaleAwareStep " + NO_WD + " (its decay ρ_t = α0·lr/(2q) is its own; the inner's must be 0)"
+               for k in ("test_param_groups_weight_decay", "test_weight_decay_group_shrinks_without_grads")},
+    ),
+    DanluInfo(
+        "ChiGated[SGDM]", danlu.ChiGated, build=wrapped(danlu.ChiGated, danlu.SGDM),
+        base_kwargs={"k": 1},
+        optim_inputs_func=inputs(
+            ("k=1", {}),
+            ("k=2", {"k": 2, "weight_decay": 0.1}),
+            ("k=3, chi only", {"k": 3, "rescale_betas": False}),
+        ),
+        optim_error_inputs_func=errors(
+            wrapper_errors(danlu.ChiGated, [
+                ({"k": 0}, ValueError, r"^Invalid k: 0"),
+            ])),
+        inner_steps=1,
+        skips={"test_load_nontensor_step": f"ChiGated[SGDM] {NO_STEP}",
+               "test_load_state_dict_post_hook_sees_loaded_state": f"ChiGated[SGDM] {NO_STEP}",
+               "test_weight_decay_group_shrinks_without_grads": (
+                   "ChiGated gates the lr, so the decoupled decay applies once per window of k micro-steps "
+                   "(as one step of the k-times-larger batch); tests/test_chi_gate.py checks it")},
+    ),
+    DanluInfo(
         "MGS[AdamW]", danlu.MGS, build=wrapped(danlu.MGS, danlu.AdamW, lead=(None,)),
         kind="mgs",
         optim_inputs_func=inputs(
@@ -886,6 +924,8 @@ def test_step_is_noop_for_zero_grads(info):
         kwargs = dict(optim_input.kwargs)
         if any(kwargs.get(k) for k in ("weight_decay", "extra_l2", "l1_budget")):
             continue
+        if info.optim_cls is danlu.ScaleAwareStep and kwargs.get("decay", True):
+            continue  # its own decay ρ_t·θ applies without gradients (weight_decay's role here)
         if info.has_weight_decay:
             kwargs["weight_decay"] = 0.0  # AdamW's default is 1e-2 (torch lowers AdamW's lr instead)
         opt = info.make([param], **kwargs)

@@ -1,7 +1,7 @@
 """Optimizers by name: ``danlu.create_optimizer("lion", model.parameters(), lr=3e-4)``.
 
 Every danlu optimizer has a lowercase name, and torch's AdamW and SGD are there as baselines
-(``torch-adamw``, ``torch-sgd``). The wrappers (``eg-step-size``, ``gradient-penalty``, ``mgs``) build
+(``torch-adamw``, ``torch-sgd``). The wrappers (``chi-gated``, ``eg-step-size``, ``gradient-penalty``, ``mgs``, ``scale-aware-step``) build
 their inner optimizer from ``inner=<name>`` (default ``"adamw"``): keywords the wrapper's constructor
 accepts go to the wrapper, all others (``lr``, ``betas``, …) to the inner optimizer.
 """
@@ -21,8 +21,10 @@ from .optim.amos import Amos
 from .optim.egd import EGD
 from .optim.lion import Lion, Tiger
 from .optim.sgdm import SGDM
+from .wrappers.chi_gate import ChiGated
 from .wrappers.eg_step_size import EGStepSize
 from .wrappers.gradient_penalty import GradientPenalty
+from .wrappers.scale_aware_step import ScaleAwareStep
 from .zeroth.mgs import MGS
 from .zeroth.zero_order import ZeroOrder
 
@@ -43,9 +45,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 WRAPPERS: dict[str, type[torch.optim.Optimizer]] = {
+    "chi-gated": ChiGated,
     "eg-step-size": EGStepSize,
     "gradient-penalty": GradientPenalty,
     "mgs": MGS,
+    "scale-aware-step": ScaleAwareStep,
 }
 
 
