@@ -134,6 +134,7 @@ def main() -> None:
     digest = sum(float(p.detach().full_tensor().double().sum()) for p in model.parameters())  # a collective
     if rank == 0:
         print(f"final parameter checksum {digest!r}")
+    dist.barrier()  # every rank done with its collectives before the group is torn down
     dist.destroy_process_group()
 
 

@@ -31,6 +31,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "lion-fused": ("lion", dict(lr=1e-2, weight_decay=0.1, fused=True)),
     "lion-bf16": ("lion", dict(lr=1e-2, state_dtype=torch.bfloat16)),
     "tiger": ("tiger", dict(lr=1e-2)),
+    # Su's recipe: RMS(θ) of the whole (sharded) tensor, or per row; the NaN check over the whole gradient.
+    "tiger-recipe-rms": ("tiger", dict(lr=3e-2, lr_scale="rms", on_nan="skip", weight_decay=0.1)),
+    "tiger-recipe-rows": ("tiger", dict(lr=3e-2, lr_scale="row_rms", on_nan="skip")),
     "sgdm": ("sgdm", dict(lr=1e-1, weight_decay=1e-2)),
     "adamw": ("adamw", dict(lr=1e-2, weight_decay=0.1)),
     "adamw-accum2": ("adamw", dict(lr=1e-2, accum_steps=2)),
@@ -46,6 +49,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "eg-step-size-adamw": ("eg-step-size", dict(inner="adamw", lr=1e-2, meta_lr=0.5)),
     "eg-step-size-paper-tensor": ("eg-step-size", dict(inner="sgdm", lr=1e-1, meta_lr=0.5, form="paper",
                                                        granularity="tensor", normalize="cosine")),
+    "scale-aware-step-adamw": ("scale-aware-step", dict(inner="adamw", lr=1e-2, weight_decay=0.0)),
+    "chi-gated-sgdm": ("chi-gated", dict(inner="sgdm", lr=1e-1, k=2)),
     "gradient-penalty-lion": ("gradient-penalty", dict(inner="lion", lr=1e-2, strength=1e-2)),
     "mgs-adamw": ("mgs", dict(inner="adamw", lr=1e-2, candidates=3, noise=0.1, seed=5, max_grad_norm=1.0)),
     "mgs-uniform-snapshot": ("mgs", dict(inner="sgdm", lr=1e-1, candidates=2, noise=0.5, noise_scale="uniform",

@@ -177,6 +177,8 @@ class ScaleAwareStep(OptimizerWrapper):
             self._check_group(i, group, stepping=True)
         old = [w[3].detach().clone() for w in work]
         self.optimizer.step()
+        for p, _, _, _, gi, j in work:  # the scales enter the state with the inner's first state (also on
+            self._scale_of(p, gi, j)    # torch.distributed.checkpoint's init step, so that DCP loads them)
         if not getattr(self.optimizer, "is_update_step", True):
             return loss  # accumulation inside the momentum, mid-window: θ did not move
         parts = []
