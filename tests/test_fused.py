@@ -18,6 +18,9 @@ import danlu
 FUSABLE = {
     "Lion": lambda ps, **kw: danlu.Lion(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **kw),
     "Tiger": lambda ps, **kw: danlu.Tiger(ps, lr=1e-2, beta=0.9, weight_decay=0.1, **kw),
+    # Su's recipe: the per-row RMS lr (whole-tensor for 1-D) and the branch-free NaN skip in the graph.
+    "Tiger-recipe": lambda ps, **kw: danlu.Tiger(ps, lr=3e-2, beta=0.9, weight_decay=0.1, lr_scale="row_rms",
+                                                 on_nan="skip", **kw),
     "SGDM": lambda ps, **kw: danlu.SGDM(ps, lr=0.1, momentum=0.9, weight_decay=0.1, **kw),
     "AdamW": lambda ps, **kw: danlu.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
     "AdaX": lambda ps, **kw: danlu.AdaX(ps, lr=1e-2, weight_decay=0.1, **kw),
@@ -260,3 +263,26 @@ def test_fused_bf16_state_rounds_like_the_per_tensor_path(name):
             equal += int((x == y).sum())
             total += x.numel()
     assert equal >= 0.98 * total
+
+
+def test_fused_tiger_skip_shrinks_like_the_per_tensor_path():
+    """Tiger's on_nan="skip" on the fused path: the tensor with a NaN gradient keeps its momentum and
+    shrinks toward its centre, the other steps, exactly as the per-tensor kernel does."""
+    torch._dynamo.reset()
+    out = []
+    for fused in (False, True):
+        a = torch.nn.Parameter(torch.linspace(-1, 1, 32).reshape(8, 4))
+        b = torch.nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        opt = FUSABLE["Tiger-recipe"]([a, b], fused=fused)
+        for step in range(3):
+            ga, gb = torch.full((8, 4), 0.5), torch.full((6,), -0.25)
+            if step == 1:
+                ga[3, 2] = float("nan")
+            a.grad, b.grad = ga, gb
+            opt.step()
+        out.append((a.detach().clone(), b.detach().clone(), opt.state[a]["exp_avg"].clone()))
+    (la, lb, lm), (fa, fb, fm) = out
+    assert torch.isfinite(fa).all() and torch.isfinite(fm).all()
+    torch.testing.assert_close(fa, la, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fb, lb, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fm, lm, rtol=1e-6, atol=1e-7)

@@ -37,6 +37,11 @@ measurement:
   once it cannot keep them symbolic, so buckets trace with ``specialize_float`` (they are constants;
   the values a scheduler changes are 0-d tensors already);
 - its per-input size asserts repeat dynamo's guards for every tensor on every step (off);
+- a bucket compiled after another one of the same optimizer gets automatic dynamic shapes (the
+  tensors were seen before with other shapes), and with them inductor's CPU outer-loop fusion fails
+  on a per-row reduction broadcast back over its rows (Tiger's ``lr_scale="row_rms"``: ``KeyError:
+  'buf…'`` in ``try_outer_loop_fusion_with_local_buf``), so buckets compile with ``dynamic=False``
+  (a bucket's shapes never change: a different set of tensors is another bucket);
 - integer bit casts run one element at a time and signed overflow is undefined in the generated C++
   (see ``danlu._core.rounding``); ``g·0`` folds to 0 (see ``numerics.propagate_nonfinite_``).
 
@@ -218,7 +223,7 @@ class FusedSteps:
                 fn = self._functions.get(key)
                 if fn is None:
                     fn = self._functions[key] = torch.compile(
-                        _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True,
+                        _fresh_function(f"danlu_bucket_{len(self._functions)}"), fullgraph=True, dynamic=False,
                         options=_ELEMENT_OPTIONS)
                 view = views.get(key[:2])
                 if view is None:
@@ -230,7 +235,7 @@ class FusedSteps:
                             if dfn is None:
                                 dfn = self._derive_functions[key] = torch.compile(
                                     _fresh_function(f"danlu_scalars_{len(self._derive_functions)}", _derive_all),
-                                    fullgraph=True, options=_ELEMENT_OPTIONS)
+                                    fullgraph=True, dynamic=False, options=_ELEMENT_OPTIONS)
                             derived = dfn(derive, optimizer._derive_batch_key, params, states, view)
                         fn(optimizer._update_stored, params, grads, states, view, derived)
                     continue

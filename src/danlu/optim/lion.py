@@ -52,8 +52,8 @@ def tiger_lr(param: torch.Tensor, lr: float | torch.Tensor, lr_scale: str | None
         return lr
     x = param.detach()
     if lr_scale == "row_rms" and x.dim() >= 2:
-        ss = dist_.sum_over(x.to(acc_dtype(x)).square(), dim=-1, keepdim=True)
-        return lr * ss.div_(max(x.shape[-1], 1)).sqrt_()
+        # (an empty last dim gives NaN rows of an empty tensor, which move nothing)
+        return lr * dist_.mean_over(x.to(acc_dtype(x)).square(), dim=-1, keepdim=True).sqrt()
     return lr * dist_.rms(x)
 
 
