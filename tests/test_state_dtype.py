@@ -190,3 +190,23 @@ def test_bad_state_dtype_is_refused(value, exc, regex):
 def test_bf16_state_with_accumulation_is_refused():
     with pytest.raises(ValueError, match=r"^Invalid state_dtype: torch\.bfloat16 \(expected None, torch\.float32"):
         danlu.SGDM([torch.nn.Parameter(torch.randn(3))], accum_steps=2, state_dtype=BF16)
+
+
+@pytest.mark.parametrize("name", ["SGDM", "Tiger", "Lion", "AdamW"])
+def test_accumulation_keeps_state_dtype(name):
+    """accum_steps > 1 folds micro-gradients into state created in ``state_dtype`` (float32 state for
+    bfloat16 parameters), not in the parameter's dtype; SGDM's folded momentum equals the float32 fold."""
+    cls = getattr(danlu, name)
+    p = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
+    opt = cls([p], lr=1e-2, accum_steps=2, state_dtype=torch.float32)
+    grads = [torch.randn(4, 3, generator=torch.Generator().manual_seed(1 + i)).to(torch.bfloat16) for i in range(2)]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    for k, v in opt.state[p].items():
+        if torch.is_tensor(v) and v.dim():
+            assert v.dtype == torch.float32, f"{name} state {k!r} is {v.dtype}"
+    if name == "SGDM":
+        beta = opt.param_groups[0]["momentum"]
+        want = (1 - beta) / 2 * (grads[0].float() + grads[1].float())
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], want, rtol=0, atol=1e-7)

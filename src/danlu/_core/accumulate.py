@@ -152,8 +152,9 @@ class AccumulatingOptimizer(DanluOptimizer):
         ``apply`` is False: ``sync_window`` moves θ once the window is averaged over the ranks)."""
         state = self.state[p]
         if len(state) == 0:
-            self._init_state(p, group, state)
-            self._place_new_state(p, group, state)
+            from .distributed import layout_of  # noqa: PLC0415
+
+            self._create_state(p, group, state, layout_of(p, group=group))  # placed, in state_dtype
         if p.numel() == 0:
             return
         self._on_local(p, grad, group, state, lambda lp, lg, st: self._fold_local(lp, lg, st, group, t, apply))

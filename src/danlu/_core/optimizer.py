@@ -318,14 +318,6 @@ class DanluOptimizer(torch.optim.Optimizer):
         if self._derive is not None or group.get("state_dtype") == torch.bfloat16:
             self._derive_stored(p, state, group)
 
-    def _place_new_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """For a DTensor ``p``: place the state ``_init_state`` just made (see ``distributed.place_state``)."""
-        from . import distributed as dist_  # noqa: PLC0415
-
-        shard = dist_.layout_of(p, group=group)
-        if shard is not None:
-            dist_.place_state(self, shard, group, state)
-
     def _on_local(self, p: torch.Tensor, grad: torch.Tensor | None, group: dict[str, Any], state: dict[str, Any],
                   fn: Callable[[torch.Tensor, torch.Tensor | None, dict[str, Any]], Any]) -> Any:
         """``fn(p, grad, state)``, for a DTensor ``p`` on its local shards (under its shard context), the
