@@ -156,13 +156,16 @@ def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) ->
 
 
 def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_every: int | None = None,
-        param_groups: Callable[[Problem], Any] | None = None, **optimizer_kwargs: Any) -> RunResult:
+        param_groups: Callable[[Problem], Any] | None = None, lr_lambda: Callable[[int], float] | None = None,
+        **optimizer_kwargs: Any) -> RunResult:
     """Train ``task.build(seed)`` with ``optimizer_name`` at ``lr`` for ``steps`` steps.
 
     ``eval_every`` (default: about 20 points per curve) sets how often the val loss is recorded; the
     last step is always evaluated. A non-finite training or val loss stops the run and sets ``diverged``.
     ``param_groups(problem)`` (default: ``problem.params``) gives what the optimizer is built over, e.g.
-    ``lambda p: danlu.amos_groups(p.model)``; ``optimizer_kwargs`` go to :func:`danlu.create_optimizer`.
+    ``lambda p: danlu.amos_groups(p.model)``; ``lr_lambda`` (default none) schedules the lr with
+    ``torch.optim.lr_scheduler.LambdaLR``, stepped after every update; ``optimizer_kwargs`` go to
+    :func:`danlu.create_optimizer`.
     """
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -172,10 +175,13 @@ def run(task: Task, optimizer_name: str, lr: float, seed: int, steps: int, eval_
     problem = task.build(seed)
     params = problem.params if param_groups is None else param_groups(problem)
     opt = create_optimizer(name, params, lr=lr, **{**task.options.get(name, {}), **optimizer_kwargs})
+    sched = None if lr_lambda is None else torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     train_time = first_time = 0.0
     for step in range(steps):
         t0 = time.perf_counter()
         loss = _step(opt, name, problem, step)
+        if sched is not None:
+            sched.step()
         if problem.project is not None:
             problem.project()
         if step == 0:  # the first step pays one-time costs (allocation, lazy state): timed apart

@@ -78,7 +78,7 @@ from torch import nn
 
 from ...recipes import scale_aware_groups, scale_aware_lr_lambda
 from ...registry import create_optimizer
-from ..loop import RunResult, lr_scores, mean_curve, sweep
+from ..loop import RunResult, lr_scores, mean_curve, run, sweep
 from ..tasks import Problem, _batch, _seeded_init, _sklearn_split, get_task
 from ._common import (
     EXTENSIONS,
@@ -315,39 +315,11 @@ def _part_b(ctx: Context) -> dict[str, Any]:
 
 def _train_scheduled(seed: int, steps: int, alpha0: float, power: int | None, halve_at: float,
                      task: str = "digits") -> RunResult:
-    """Lion over ``scale_aware_groups(model, alpha0)`` on ``task`` with ``LambdaLR(scale_aware_lr_lambda
-    (halve_at=..., power=power))`` stepped after every update (``power=None``: no schedule); the same
-    steps, batches and evaluation points as :func:`danlu.bench.loop.run`, whose :class:`RunResult` it
-    returns (``lr`` = α0)."""
-    problem = get_task(task).build(seed)
-    assert problem.model is not None
-    result = RunResult(task, "lion", float(alpha0), int(seed), int(steps))
-    opt = create_optimizer("lion", scale_aware_groups(problem.model, alpha0), lr=alpha0)
+    """:func:`danlu.bench.loop.run` of Lion over ``scale_aware_groups(model, alpha0)`` on ``task`` with
+    ``lr_lambda=scale_aware_lr_lambda(halve_at=..., power=power)`` (``power=None``: no schedule)."""
     schedule = scale_aware_lr_lambda(halve_at=halve_at, power=power) if power is not None else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule is not None else None
-    eval_every = max(1, steps // EVAL_POINTS)
-    for step in range(steps):
-        opt.zero_grad()
-        loss = problem.train_loss(step)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        value = float(loss.detach())
-        result.train_losses.append(value)
-        result.steps_done = step + 1
-        if not math.isfinite(value):
-            result.diverged = True
-            break
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            metrics = problem.evaluate()
-            result.curve.append((step + 1, metrics["val_loss"]))
-            if not math.isfinite(metrics["val_loss"]):
-                result.diverged = True
-                break
-            if step + 1 == steps:
-                result.final = metrics
-    return result
+    return run(get_task(task), "lion", alpha0, seed, steps, eval_every=max(1, steps // EVAL_POINTS),
+               param_groups=lambda problem: scale_aware_groups(problem.model, alpha0), lr_lambda=schedule)
 
 
 def _part_c(ctx: Context, steps: int) -> dict[str, Any]:
