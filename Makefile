@@ -1,11 +1,12 @@
 # `make test`: create .venv if missing, install torch (CPU build pinned) and danlu[test,bench], run the suite.
 # `make demo`: the same install, then `danlu compare` on its default suite (report in danlu-report/).
+# `make lint`: ruff and mypy with the settings in pyproject.toml (CI runs it after the tests).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test demo install clean
+.PHONY: test demo install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +14,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt  # no dependency may replace the pinned (CPU) torch
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,8 +23,12 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
+lint: install
+	$(BIN)/ruff check src tests examples
+	$(BIN)/mypy
+
 demo: install
 	$(BIN)/danlu compare --out danlu-report
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
