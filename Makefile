@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt  # no dependency may replace the pinned (CPU) torch
 	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
+	# timm without its torchvision (PyPI's does not import beside the CPU torch): the registry tests
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt --no-deps "timm>=1.0.12"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,9 +1,11 @@
-"""Train a small transformer with FSDP2 and any danlu optimizer; checkpoint with DCP and resume.
+r"""Train a small transformer with FSDP2 and any danlu optimizer; checkpoint with DCP and resume.
 
 Run on CPU (gloo) with two processes; the second command resumes the first run's checkpoint::
 
-    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --optimizer adafactor --steps 20 --ckpt /tmp/danlu-ckpt
-    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py --optimizer adafactor --steps 40 --ckpt /tmp/danlu-ckpt
+    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py \
+        --optimizer adafactor --steps 20 --ckpt /tmp/danlu-ckpt
+    torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py \
+        --optimizer adafactor --steps 40 --ckpt /tmp/danlu-ckpt
 
 Any name of ``danlu.list_optimizers()`` works (``lion``, ``tiger``, ``adamw``, ``adax``, ``adafactor``,
 ``amos``, ``sgdm``, ``egd`` with ``--kwargs '{"signed": true}'``, the wrappers ``eg-step-size`` (with

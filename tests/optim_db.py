@@ -184,7 +184,8 @@ LION = OptimSpec(
     + _betas_cases()
     + _accum_cases()
     + _sync_window_cases()
-    + [Bad({"betas": (0.9, 0.0), "accum_steps": 2}, ValueError, r"^Invalid betas: \(0\.9, 0\.0\) \(expected betas\[1\] > 0",
+    + [Bad({"betas": (0.9, 0.0), "accum_steps": 2}, ValueError,
+           r"^Invalid betas: \(0\.9, 0\.0\) \(expected betas\[1\] > 0",
            in_group=False)],
     variants={"weight_decay": dict(weight_decay=0.1), "accum": dict(accum_steps=2)},
 )
@@ -207,7 +208,8 @@ TIGER = OptimSpec(
               "recipe_accum": dict(lr=3e-2, lr_scale="row_rms", on_nan="skip", accum_steps=2)},
     skips={key: ("on_nan='skip' skips a tensor's step on a non-finite gradient and shrinks it instead of "
                  "propagating the NaN (Su's strategy); tests/test_tiger_recipe.py checks that contract")
-           for key in ("test_nonfinite_grad_shows_in_params/recipe", "test_nonfinite_grad_shows_in_params/recipe_accum")},
+           for key in ("test_nonfinite_grad_shows_in_params/recipe",
+                       "test_nonfinite_grad_shows_in_params/recipe_accum")},
 )
 
 ADAX = OptimSpec(
@@ -232,7 +234,8 @@ ADAFACTOR = OptimSpec(
     bad=_lr_weight_decay_cases()
     + [
         Bad({"decay_rate": 0.0}, ValueError, r"^Invalid decay_rate: 0\.0 \(expected a number in \(0, 1\)\)$"),
-        Bad({"shard_statistics": "global"}, ValueError, r"^Invalid shard_statistics: 'global' \(expected 'exact' or 'local'\)$"),
+        Bad({"shard_statistics": "global"}, ValueError,
+            r"^Invalid shard_statistics: 'global' \(expected 'exact' or 'local'\)$"),
         Bad({"decay_rate": -0.8}, ValueError, r"^Invalid decay_rate: -0\.8 "),
         # 0 < c < 1 (kexue.fm/archives/7302): c = 1 weights all past gradients equally, c > 1 the old ones more.
         Bad({"decay_rate": 1.0}, ValueError, r"^Invalid decay_rate: 1\.0 \(expected a number in \(0, 1\)\)$"),
@@ -243,7 +246,8 @@ ADAFACTOR = OptimSpec(
         Bad({"beta1": 1.0}, ValueError, r"^Invalid beta1: 1\.0 \(expected a number in \[0, 1\)\)$"),
         Bad({"clip_threshold": 0.0}, ValueError, r"^Invalid clip_threshold: 0\.0 "),
         Bad({"scale_parameter": 1}, TypeError, r"^Invalid scale_parameter: 1 \(expected a bool\)$"),
-        Bad({"min_dim_size_to_factor": 128.0}, TypeError, r"^Invalid min_dim_size_to_factor: 128\.0 \(expected an int\)$"),
+        Bad({"min_dim_size_to_factor": 128.0}, TypeError,
+            r"^Invalid min_dim_size_to_factor: 128\.0 \(expected an int\)$"),
         Bad({"min_dim_size_to_factor": 0}, ValueError, r"^Invalid min_dim_size_to_factor: 0 "),
     ],
     variants={
@@ -271,7 +275,8 @@ AMOS = OptimSpec(
     bad=[
         Bad({"lr": -0.1}, ValueError, r"^Invalid lr: -0\.1 \(expected a number in \[0, inf\]\)$"),
         Bad({"lr": None}, TypeError, r"^Invalid lr: None \(expected a real number\)$"),
-        Bad({"shard_statistics": None}, ValueError, r"^Invalid shard_statistics: None \(expected 'exact' or 'local'\)$"),
+        Bad({"shard_statistics": None}, ValueError,
+            r"^Invalid shard_statistics: None \(expected 'exact' or 'local'\)$"),
         # Amos has no weight_decay: its decay is adaptive; extra_l2 is the extra L2 term.
         Bad({"weight_decay": 0.1}, TypeError, r"unexpected keyword argument 'weight_decay'", in_group=False),
         Bad({"extra_l2": -0.1}, ValueError, r"^Invalid extra_l2: -0\.1 \(expected a number in \[0, inf\]\)$"),
@@ -342,9 +347,12 @@ EGD = OptimSpec(
         Bad({"delta": -1.0}, ValueError, r"^Invalid delta: -1\.0 \(expected a number in \(0, inf\]\)$"),
         Bad({"simplex_dim": 0}, ValueError, r"^Invalid simplex_dim: 0 \(expected None with signed=True"),
         Bad({"simplex_dim": 1.0}, TypeError, r"^Invalid simplex_dim: 1\.0 \(expected None or an int\)$"),
-        Bad({"signed": False, "simplex_dim": 2}, ValueError, r"^Invalid simplex_dim: 2 \(dim 2 does not exist in a parameter of shape \(3, 4\)\)$"),
-        Bad({"signed": False}, ValueError, r"^Invalid params\[0\]: shape \(3, 4\), min 0\.0 \(expected every entry > 0"),
-        Bad({"signed": False, "l1_budget": 1.0}, ValueError, r"^Invalid l1_budget: 1\.0 \(expected None with signed=False"),
+        Bad({"signed": False, "simplex_dim": 2}, ValueError,
+            r"^Invalid simplex_dim: 2 \(dim 2 does not exist in a parameter of shape \(3, 4\)\)$"),
+        Bad({"signed": False}, ValueError,
+            r"^Invalid params\[0\]: shape \(3, 4\), min 0\.0 \(expected every entry > 0"),
+        Bad({"signed": False, "l1_budget": 1.0}, ValueError,
+            r"^Invalid l1_budget: 1\.0 \(expected None with signed=False"),
         Bad({"weight_decay": 0.1}, TypeError, r"unexpected keyword argument 'weight_decay'", in_group=False),
         Bad({"foo": 1}, TypeError, r"unexpected keyword argument 'foo'", in_group=False),
     ],
@@ -458,18 +466,21 @@ EG_STEP_SIZE = _wrapper_specs(
     danlu.EGStepSize,
     dict(meta_lr=0.05),
     [
-        Bad({"meta_lr": -0.1}, ValueError, r"^Invalid meta_lr: -0\.1 \(expected a number in \[0, inf\]\)$", in_group=False),
+        Bad({"meta_lr": -0.1}, ValueError, r"^Invalid meta_lr: -0\.1 \(expected a number in \[0, inf\]\)$",
+            in_group=False),
         Bad({"meta_lr": "0.1"}, TypeError, r"^Invalid meta_lr: '0\.1' \(expected a real number\)$", in_group=False),
         Bad({"form": "adam"}, ValueError, r"^Invalid form: 'adam' \(expected one of 'su', 'paper'\)$", in_group=False),
         Bad({"granularity": "row"}, ValueError,
             r"^Invalid granularity: 'row' \(expected one of 'coordinate', 'tensor', 'group'\)$", in_group=False),
         Bad({"granularity": 1}, TypeError, r"^Invalid granularity: 1 \(expected one of 'coordinate'", in_group=False),
-        Bad({"normalize": "l2"}, ValueError, r"^Invalid normalize: 'l2' \(expected one of None, 'cosine'\)$", in_group=False),
+        Bad({"normalize": "l2"}, ValueError, r"^Invalid normalize: 'l2' \(expected one of None, 'cosine'\)$",
+            in_group=False),
         Bad({"max_exponent": 0.0}, ValueError, r"^Invalid max_exponent: 0\.0 \(expected a number in \(0, inf\]\)$",
             in_group=False),
         Bad({"nu_min": 0.0}, ValueError, r"^Invalid nu_min: 0\.0 \(expected a number in \(0, 1\]\)$", in_group=False),
         Bad({"nu_max": 0.5}, ValueError, r"^Invalid nu_max: 0\.5 \(expected a number in \[1, inf\]\)$", in_group=False),
-        Bad({"scale_min": 2.0}, ValueError, r"^Invalid scale_min: 2\.0 \(expected a number in \(0, 1\]\)$", in_group=False),
+        Bad({"scale_min": 2.0}, ValueError, r"^Invalid scale_min: 2\.0 \(expected a number in \(0, 1\]\)$",
+            in_group=False),
         Bad({"beta": 0.9}, ValueError, r"^Invalid beta: 0\.9 \(expected None with form='su'", in_group=False),
         Bad({"scale_meta_lr": 0.1}, ValueError, r"^Invalid scale_meta_lr: 0\.1 \(expected None with form='su'",
             in_group=False),
@@ -495,11 +506,13 @@ GRADIENT_PENALTY = _wrapper_specs(
     [
         Bad({"strength": -1e-3}, ValueError, r"^Invalid strength: -0\.001 \(expected a number in \[0, inf\]\)$",
             in_group=False),
-        Bad({"strength": float("nan")}, ValueError, r"^Invalid strength: nan \(expected a finite number", in_group=False),
+        Bad({"strength": float("nan")}, ValueError, r"^Invalid strength: nan \(expected a finite number",
+            in_group=False),
         Bad({"strength": "1e-3"}, TypeError, r"^Invalid strength: '1e-3' \(expected a real number\)$", in_group=False),
         Bad({"method": "exact"}, ValueError,
             r"^Invalid method: 'exact' \(expected one of 'finite_difference', 'double_backward'\)$", in_group=False),
-        Bad({"method": None}, TypeError, r"^Invalid method: None \(expected one of 'finite_difference'", in_group=False),
+        Bad({"method": None}, TypeError, r"^Invalid method: None \(expected one of 'finite_difference'",
+            in_group=False),
     ],
     # accum_steps goes to the inner SGDM: each micro-step absorbs a penalised gradient.
     variants={"SGDM": {"accum": dict(accum_steps=2), "strong": dict(strength=1e-2)}},
@@ -588,7 +601,8 @@ MGS_SPECS = _wrapper_specs(
     # max_grad_norm 0.3: |Δ| ≤ 0.3 keeps torch.optim.SGD's undamped momentum (0.9, lr 0.3) stable.
     dict(candidates=4, noise=1.0, beta=100.0, max_grad_norm=0.3),
     [
-        Bad({"candidates": 0}, ValueError, r"^Invalid candidates: 0 \(expected a number in \[1, inf\]\)$", in_group=False),
+        Bad({"candidates": 0}, ValueError, r"^Invalid candidates: 0 \(expected a number in \[1, inf\]\)$",
+            in_group=False),
         Bad({"candidates": 2.0}, TypeError, r"^Invalid candidates: 2\.0 \(expected an int\)$", in_group=False),
         Bad({"noise": 0.0}, ValueError, r"^Invalid noise: 0\.0 \(expected a number in \(0, inf\]\)$", in_group=False),
         Bad({"beta": -1.0}, ValueError, r"^Invalid beta: -1\.0 \(expected a number in \[0, inf\]\)$", in_group=False),
@@ -652,8 +666,8 @@ ZERO_ORDER = OptimSpec(
     },
 )
 
-OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY, *MGS_SPECS,
-                           *SCALE_AWARE_STEP, *CHI_GATED, ZERO_ORDER]
+OPTIM_DB: list[OptimSpec] = [ADAFACTOR, ADAMW, ADAX, AMOS, EGD, LION, SGDM, TIGER, *EG_STEP_SIZE, *GRADIENT_PENALTY,
+                           *MGS_SPECS, *SCALE_AWARE_STEP, *CHI_GATED, ZERO_ORDER]
 
 
 def spec_by_name(name: str) -> OptimSpec:

@@ -175,7 +175,8 @@ def params_of(model_or_list) -> list[torch.Tensor]:
 def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor], what: str = "params") -> None:
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
-        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}[{i}]: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}"
+        assert x.dtype == y.dtype and x.shape == y.shape, (
+            f"{what}[{i}]: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
         assert torch.equal(x, y), f"{what}[{i}] differ (max |Δ| = {(x.double() - y.double()).abs().max().item():.3g})"
 
 
@@ -183,7 +184,8 @@ def assert_same_tree(a: Any, b: Any, path: str = "") -> None:
     """Recursive equality of state dicts: tensors bitwise with the same dtype, other leaves by ==."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
         assert torch.equal(a, b), path
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
@@ -232,7 +234,8 @@ def test_every_exported_optimizer_is_enrolled():
         assert base in danlu.__all__, f"{spec.name} is in optim_db but not exported"
         assert getattr(danlu, base) is spec.cls
         if issubclass(spec.cls, OptimizerWrapper):
-            assert spec.inner is not None and spec.factory is not None, f"{spec.name}: a wrapper needs inner and factory"
+            assert spec.inner is not None and spec.factory is not None, (
+                f"{spec.name}: a wrapper needs inner and factory")
             label = spec.name.removeprefix(f"{base}[").removesuffix("]")
             assert spec.name == f"{base}[{label}]" and WRAPPER_INNERS.get(label, spec.inner) is spec.inner, spec.name
         else:
@@ -280,8 +283,10 @@ def test_db_entries_cover_the_required_errors():
     for spec in OPTIM_DB:
         kinds = [(set(b.kwargs) | set(b.group or {}), b.exc, b.regex) for b in spec.bad]
         assert any("lr" in k and e is ValueError for k, e, _ in kinds), f"{spec.name}: no bad-lr case"
-        assert any(e is TypeError and "unexpected keyword" not in r for _, e, r in kinds), f"{spec.name}: no wrong-type case"
-        assert any(e is TypeError and "unexpected keyword" in r for _, e, r in kinds), f"{spec.name}: no unknown-keyword case"
+        assert any(e is TypeError and "unexpected keyword" not in r for _, e, r in kinds), (
+            f"{spec.name}: no wrong-type case")
+        assert any(e is TypeError and "unexpected keyword" in r for _, e, r in kinds), (
+            f"{spec.name}: no unknown-keyword case")
         for desc in spec.variants:
             assert desc != "default", f"{spec.name}: 'default' is the name of the base config"
 
@@ -295,7 +300,8 @@ def _bad_id(spec: OptimSpec, bad) -> str:
     def show(v):
         return v.__name__ if isinstance(v, type) else repr(v)
 
-    parts = [f"{k}={show(v)}" for k, v in bad.kwargs.items()] + [f"group.{k}={show(v)}" for k, v in (bad.group or {}).items()]
+    parts = ([f"{k}={show(v)}" for k, v in bad.kwargs.items()]
+             + [f"group.{k}={show(v)}" for k, v in (bad.group or {}).items()])
     return f"{spec.name}-{','.join(parts)}"
 
 
@@ -665,7 +671,8 @@ def test_zero_size_and_scalar_params(cfg: Config):
 
     def closure():
         opt.zero_grad(set_to_none=True)
-        loss = ((w - 0.3) ** 2).sum() + (scalar - 0.3) ** 2 + sum((p**2).sum() for p in (empty_rows, empty_cols, empty1d))
+        loss = (((w - 0.3) ** 2).sum() + (scalar - 0.3) ** 2
+                + sum((p**2).sum() for p in (empty_rows, empty_cols, empty1d)))
         loss.backward()
         return loss
 
@@ -678,7 +685,8 @@ def test_zero_size_and_scalar_params(cfg: Config):
                 if isinstance(v, torch.Tensor):
                     assert torch.isfinite(v).all(), f"state {k!r} of a {tuple(p.shape)} param is not finite"
     if not _spec(cfg).stateless:
-        assert any(len(s) > 0 for s in states_of(opt, empty_rows)), "a zero-size param with a gradient gets state like any other"
+        assert any(len(s) > 0 for s in states_of(opt, empty_rows)), (
+            "a zero-size param with a gradient gets state like any other")
 
 
 @over_all
@@ -697,7 +705,7 @@ def test_dtypes_kept_and_finite(cfg: Config, dtype: torch.dtype):
         assert not torch.equal(p, p0), "param did not move"
         states = states_of(opt, p)
         assert cfg.spec.stateless or any(len(s) > 0 for s in states)
-        for level, state in enumerate(states):
+        for _level, state in enumerate(states):
             for k, v in state.items():
                 if k == "step" or not isinstance(v, torch.Tensor):
                     continue

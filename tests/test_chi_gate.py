@@ -225,7 +225,8 @@ def test_state_dict_round_trip_mid_window_and_no_double_rescale():
         micro(t)
         opt.step()
     sd = opt.state_dict()
-    assert sd["param_groups"][0]["chi_micro_step"] == 2 and sd["danlu_chi_gate"]["hyper"] == {"k": 4, "rescale_betas": True}
+    assert sd["param_groups"][0]["chi_micro_step"] == 2
+    assert sd["danlu_chi_gate"]["hyper"] == {"k": 4, "rescale_betas": True}
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)

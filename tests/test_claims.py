@@ -107,12 +107,12 @@ class TestLion:
         eta, lam, steps = 1e-2, 0.5, 200
         theta0 = torch.randn(100, generator=_gen(4), dtype=F64)
         finals = []
-        for e, l in [(eta, lam), (eta / 3, 3 * lam)]:
+        for e, wd in [(eta, lam), (eta / 3, 3 * lam)]:
             p = _param(theta0)
-            opt = danlu.Lion([p], lr=e, betas=(0.9, 0.99), weight_decay=l)
+            opt = danlu.Lion([p], lr=e, betas=(0.9, 0.99), weight_decay=wd)
             for _ in range(steps):
                 _step(opt, p, torch.zeros_like(theta0))
-            torch.testing.assert_close(p.detach(), theta0 * (1.0 - e * l) ** steps, rtol=1e-12, atol=0)
+            torch.testing.assert_close(p.detach(), theta0 * (1.0 - e * wd) ** steps, rtol=1e-12, atol=0)
             finals.append(p.detach().clone())
         torch.testing.assert_close(finals[0], finals[1], rtol=1e-12, atol=0)
         # Sanity: the decay did act (norm shrank by (1 − 5e-3)^200 ≈ 0.367).

@@ -117,7 +117,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
         main(["compare", *args, "--out", str(out), "--quiet"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and err[-1].startswith("danlu") and "error:" in err[-1] and len(err) <= 2  # usage + one line
+    assert message in err[-1] and err[-1].startswith("danlu") and "error:" in err[-1]
+    assert len(err) <= 2  # usage + one line
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -222,7 +222,8 @@ def test_eg_pm_l1_budget():
         opt.step()
         tm = opt.state[p]["theta_minus"]
         assert (tm > 0).all() and (p.detach() + tm > 0).all()
-        torch.testing.assert_close((p.detach() + 2 * tm).sum(), torch.tensor(5.0, dtype=torch.float64), rtol=1e-14, atol=0)
+        torch.testing.assert_close((p.detach() + 2 * tm).sum(), torch.tensor(5.0, dtype=torch.float64),
+                                   rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan")], ids=["negative", "zero", "nan"])
@@ -252,7 +253,8 @@ BAD_EGD = [
     (dict(signed=1), TypeError, r"^Invalid signed: 1 \(expected a bool\)$"),
     (dict(signed=True, delta=0.0), ValueError, r"^Invalid delta: 0\.0 \(expected a number in \(0, inf\]\)$"),
     (dict(signed=True, simplex_dim=0), ValueError, r"^Invalid simplex_dim: 0 \(expected None with signed=True"),
-    (dict(simplex_dim=2), ValueError, r"^Invalid simplex_dim: 2 \(dim 2 does not exist in a parameter of shape \(3, 4\)\)$"),
+    (dict(simplex_dim=2), ValueError,
+     r"^Invalid simplex_dim: 2 \(dim 2 does not exist in a parameter of shape \(3, 4\)\)$"),
     (dict(simplex_dim=1.0), TypeError, r"^Invalid simplex_dim: 1\.0 \(expected None or an int\)$"),
     (dict(l1_budget=1.0), ValueError, r"^Invalid l1_budget: 1\.0 \(expected None with signed=False"),
     (dict(signed=True, l1_budget=-1.0), ValueError, r"^Invalid l1_budget: -1\.0 \(expected a number in \(0, inf\]\)$"),
@@ -613,7 +615,8 @@ def test_wrapper_refuses_something_that_is_not_an_optimizer(thing):
 BAD_WRAPPER = [
     (dict(meta_lr=-1e-2), ValueError, r"^Invalid meta_lr: -0\.01 \(expected a number in \[0, inf\]\)$"),
     (dict(meta_lr="0.01"), TypeError, r"^Invalid meta_lr: '0\.01' \(expected a real number\)$"),
-    (dict(granularity="global"), ValueError, r"^Invalid granularity: 'global' \(expected one of 'coordinate', 'tensor', 'group'\)$"),
+    (dict(granularity="global"), ValueError,
+     r"^Invalid granularity: 'global' \(expected one of 'coordinate', 'tensor', 'group'\)$"),
     (dict(granularity=1), TypeError, r"^Invalid granularity: 1 "),
     (dict(form="adam"), ValueError, r"^Invalid form: 'adam' \(expected one of 'su', 'paper'\)$"),
     (dict(normalize="rms"), ValueError, r"^Invalid normalize: 'rms' \(expected one of None, 'cosine'\)$"),

@@ -63,7 +63,8 @@ def test_hf_trainer_optimizer_cls_and_kwargs(tmp_path, cls, kwargs):
     trainer = transformers.Trainer(model=model, args=hf_args(tmp_path), train_dataset=Data(),
                                    optimizer_cls_and_kwargs=(cls, kwargs))
     trainer.train()
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, cls)
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(inner, cls)
     assert trainer.lr_scheduler.get_last_lr()[0] < trainer.lr_scheduler.base_lrs[0]  # the linear decay ran
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

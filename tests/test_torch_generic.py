@@ -313,7 +313,8 @@ DB: list[DanluInfo] = [
         ),
         optim_error_inputs_func=errors(
             lr_errors, wd_errors, betas_errors,
-            lambda: [bad({"betas": (0.9, 0.0)}, ValueError, r"^Invalid betas\[1\]: 0\.0 \(expected a number in \(0, 1\)\)$")],
+            lambda: [bad({"betas": (0.9, 0.0)}, ValueError,
+                         r"^Invalid betas\[1\]: 0\.0 \(expected a number in \(0, 1\)\)$")],
             sparse_step=r"AdaX does not support sparse gradients"),
         has_step=True,
     ),
@@ -528,8 +529,8 @@ DB: list[DanluInfo] = [
             "test_load_state_dict_post_hook_sees_loaded_state": f"ZeroOrder {NO_STEP}",
             "test_non_empty_state": "ZeroOrder keeps no per-parameter state (its only state is the generator, "
                                     "in the top-level 'danlu_zero_order' entry and in param group 0)",
-            "test_step_is_noop_for_zero_grads": ZO_NO_GRADS + ": zero gradients do not exist for it (the "
-                                                "constant-loss analogue is test_weight_decay_group_shrinks_without_grads)",
+            "test_step_is_noop_for_zero_grads": ZO_NO_GRADS + ": zero gradients do not exist for it (the constant-"
+                                                "loss analogue is test_weight_decay_group_shrinks_without_grads)",
         },
     ),
 ]

@@ -257,7 +257,8 @@ def test_zo_gradient_of_accuracy_points_along_the_policy_gradient_of_expected_ac
     g = torch.Generator().manual_seed(0)
     n, d, k = 400, 10, 4
     y = torch.randint(0, k, (n,), generator=g)
-    X = 1.5 * torch.randn(k, d, generator=g, dtype=torch.float64)[y] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    X = (1.5 * torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+         + torch.randn(n, d, generator=g, dtype=torch.float64))
     W = (0.3 * torch.randn(d, k, generator=g, dtype=torch.float64)).requires_grad_()
     opt = ZeroOrder([W], optimizer=torch.optim.SGD([W], lr=0.0), sigma=0.1, samples=2000)
     opt.step(lambda: -(torch.argmax(X @ W, 1) == y).double().mean())
@@ -585,21 +586,30 @@ BAD = [
     (dict(sigma=float("inf")), ValueError, r"^Invalid sigma: inf \(expected a finite number"),
     (dict(samples=0), ValueError, r"^Invalid samples: 0 \(expected a number in \[1, inf\]\)$"),
     (dict(samples=2.0), TypeError, r"^Invalid samples: 2\.0 \(expected an int\)$"),
-    (dict(estimator="central"), ValueError, r"^Invalid estimator: 'central' \(expected one of 'two_sided', 'one_sided'\)$"),
-    (dict(distribution="uniform"), ValueError, r"^Invalid distribution: 'uniform' \(expected one of 'gaussian', 'rademacher', 'sphere'\)$"),
-    (dict(fitness_shaping="rank"), ValueError, r"^Invalid fitness_shaping: 'rank' \(expected one of None, 'centered_rank'\)$"),
-    (dict(baseline="median", estimator="one_sided"), ValueError, r"^Invalid baseline: 'median' \(expected one of 'f0', 'mean'"),
-    (dict(baseline=[0.0], estimator="one_sided"), TypeError, r"^Invalid baseline: \[0\.0\] \(expected a real number\)$"),
-    (dict(baseline="mean"), ValueError, r"^Invalid baseline: 'mean' \(expected the default 'f0' with estimator='two_sided'"),
-    (dict(baseline="mean", estimator="one_sided"), ValueError, r"^Invalid baseline: 'mean' \(expected 'f0', None or a number with samples=1"),
-    (dict(baseline=1.0, estimator="one_sided", fitness_shaping="centered_rank"), ValueError, r"^Invalid baseline: 1\.0 \(expected .* fitness_shaping='centered_rank'"),
+    (dict(estimator="central"), ValueError,
+     r"^Invalid estimator: 'central' \(expected one of 'two_sided', 'one_sided'\)$"),
+    (dict(distribution="uniform"), ValueError,
+     r"^Invalid distribution: 'uniform' \(expected one of 'gaussian', 'rademacher', 'sphere'\)$"),
+    (dict(fitness_shaping="rank"), ValueError,
+     r"^Invalid fitness_shaping: 'rank' \(expected one of None, 'centered_rank'\)$"),
+    (dict(baseline="median", estimator="one_sided"), ValueError,
+     r"^Invalid baseline: 'median' \(expected one of 'f0', 'mean'"),
+    (dict(baseline=[0.0], estimator="one_sided"), TypeError,
+     r"^Invalid baseline: \[0\.0\] \(expected a real number\)$"),
+    (dict(baseline="mean"), ValueError,
+     r"^Invalid baseline: 'mean' \(expected the default 'f0' with estimator='two_sided'"),
+    (dict(baseline="mean", estimator="one_sided"), ValueError,
+     r"^Invalid baseline: 'mean' \(expected 'f0', None or a number with samples=1"),
+    (dict(baseline=1.0, estimator="one_sided", fitness_shaping="centered_rank"), ValueError,
+     r"^Invalid baseline: 1\.0 \(expected .* fitness_shaping='centered_rank'"),
     (dict(seed=-1), ValueError, r"^Invalid seed: -1 \(expected a number in \[0, inf\]\)$"),
     (dict(seed=2**64), ValueError, r"^Invalid seed: 18446744073709551616 \(expected an int in \[0, 2\*\*64\)\)$"),
     (dict(foo=1), TypeError, r"unexpected keyword argument 'foo'"),
 ]
 
 
-@pytest.mark.parametrize("kwargs, exc, regex", BAD, ids=[next(iter(k)) + f"={list(k.values())[0]!r}" for k, _, _ in BAD])
+@pytest.mark.parametrize("kwargs, exc, regex", BAD,
+                         ids=[next(iter(k)) + f"={list(k.values())[0]!r}" for k, _, _ in BAD])
 def test_bad_hyperparameters(kwargs, exc, regex):
     with pytest.raises(exc, match=regex):
         ZeroOrder(_params(), **{"lr": 1e-3, **kwargs})
@@ -616,11 +626,17 @@ def test_bad_param_group_is_refused_and_not_added():
 @pytest.mark.parametrize(
     "build, exc, regex",
     [
-        (lambda ps: dict(optimizer=torch.optim.SGD), TypeError, r"^Invalid optimizer: <class 'torch\.optim\.sgd\.SGD'> \(expected None or a torch\.optim\.Optimizer instance"),
-        (lambda ps: dict(optimizer=torch.optim.LBFGS(ps)), TypeError, r"^Invalid optimizer: 'LBFGS' \(expected an optimizer that steps from \.grad alone"),
-        (lambda ps: dict(optimizer=torch.optim.SGD(ps, lr=0.1), lr=1e-3), ValueError, r"^Invalid lr: 0\.001 \(expected None with an inner optimizer"),
-        (lambda ps: dict(optimizer=torch.optim.SGD(ps, lr=0.1), weight_decay=0.1), ValueError, r"^Invalid weight_decay: 0\.1 \(expected 0\.0 with an inner optimizer"),
-        (lambda ps: dict(optimizer=torch.optim.SGD(ps[:1], lr=0.1)), ValueError, r"^Invalid params\[1\]: 'a parameter of shape \(4,\)' \(expected every parameter of ZeroOrder to be a parameter of its inner optimizer\)$"),
+        (lambda ps: dict(optimizer=torch.optim.SGD), TypeError,
+         r"^Invalid optimizer: <class 'torch\.optim\.sgd\.SGD'> \(expected None or a torch\.optim\.Optimizer instance"),
+        (lambda ps: dict(optimizer=torch.optim.LBFGS(ps)), TypeError,
+         r"^Invalid optimizer: 'LBFGS' \(expected an optimizer that steps from \.grad alone"),
+        (lambda ps: dict(optimizer=torch.optim.SGD(ps, lr=0.1), lr=1e-3), ValueError,
+         r"^Invalid lr: 0\.001 \(expected None with an inner optimizer"),
+        (lambda ps: dict(optimizer=torch.optim.SGD(ps, lr=0.1), weight_decay=0.1), ValueError,
+         r"^Invalid weight_decay: 0\.1 \(expected 0\.0 with an inner optimizer"),
+        (lambda ps: dict(optimizer=torch.optim.SGD(ps[:1], lr=0.1)), ValueError,
+         r"^Invalid params\[1\]: 'a parameter of shape \(4,\)' \(expected every parameter of ZeroOrder to be a "
+         r"parameter of its inner optimizer\)$"),
     ],
     ids=["class", "lbfgs", "lr", "weight_decay", "not-in-inner"],
 )
@@ -777,7 +793,8 @@ def test_optimal_baseline_formula():
     with pytest.raises(ValueError, match="sq_norms"):
         zo_coefficients(f, None, None, sigma=sigma, baseline="optimal")
     p = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"^Invalid baseline: 'optimal' \(expected 'f0', None or a number with samples=1"):
+    with pytest.raises(ValueError,
+                       match=r"^Invalid baseline: 'optimal' \(expected 'f0', None or a number with samples=1"):
         ZeroOrder([p], lr=0.1, estimator="one_sided", baseline="optimal", samples=1)
 
 

@@ -18,7 +18,8 @@ from ._core.modules import classify_parameters
 from ._core.numerics import acc_dtype
 from ._core.validate import check_number, check_optional
 
-__all__ = ["lion_from_adamw", "scale_aware_groups", "tiger_groups", "lion_preset", "LION_PRESETS", "LionPreset", "ScaleAwareSchedule", "scale_aware_lr_lambda"]
+__all__ = ["lion_from_adamw", "scale_aware_groups", "tiger_groups", "lion_preset", "LION_PRESETS", "LionPreset",
+           "ScaleAwareSchedule", "scale_aware_lr_lambda"]
 
 
 def lion_from_adamw(lr: float, weight_decay: float, factor: float = 10.0) -> dict[str, float]:
@@ -176,7 +177,7 @@ def tiger_groups(
     for _, p, kind in classify_parameters(model):
         role = kind if kind in ("embedding", "bias", "norm_gain") else "matrix"
         roles[role].append(p)
-    settings = {
+    settings: dict[str, dict[str, Any]] = {
         "matrix": dict(lr=lr, lr_scale="rms", weight_decay=weight_decay, shrink_center=0.0),
         "embedding": dict(lr=lr, lr_scale="row_rms", weight_decay=weight_decay, shrink_center=0.0),
         "bias": dict(lr=lr * elementwise_factor, lr_scale=None, weight_decay=0.0, shrink_center=0.0),

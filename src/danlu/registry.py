@@ -1,9 +1,10 @@
 """Optimizers by name: ``danlu.create_optimizer("lion", model.parameters(), lr=3e-4)``.
 
 Every danlu optimizer has a lowercase name, and torch's AdamW and SGD are there as baselines
-(``torch-adamw``, ``torch-sgd``). The wrappers (``chi-gated``, ``eg-step-size``, ``gradient-penalty``, ``mgs``, ``scale-aware-step``) build
-their inner optimizer from ``inner=<name>`` (default ``"adamw"``): keywords the wrapper's constructor
-accepts go to the wrapper, all others (``lr``, ``betas``, …) to the inner optimizer.
+(``torch-adamw``, ``torch-sgd``). The wrappers (``chi-gated``, ``eg-step-size``, ``gradient-penalty``,
+``mgs``, ``scale-aware-step``) build their inner optimizer from ``inner=<name>`` (default ``"adamw"``):
+keywords the wrapper's constructor accepts go to the wrapper, all others (``lr``, ``betas``, …) to the
+inner optimizer.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def create_optimizer(name: str, params: Any, *, inner: str = "adamw", **kwargs: 
         raise ValueError(
             f"Unknown inner optimizer {inner!r} for {key!r}; known: {', '.join(sorted(OPTIMIZERS))}"
         )
-    wrapper = WRAPPERS[key]
+    wrapper: Callable[..., torch.optim.Optimizer] = WRAPPERS[key]  # constructors unlike Optimizer's
     own = _accepted(wrapper)
     inner_opt = OPTIMIZERS[inner_key](params, **{k: v for k, v in kwargs.items() if k not in own})
     wrapper_kwargs = {k: v for k, v in kwargs.items() if k in own}

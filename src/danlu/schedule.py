@@ -71,7 +71,7 @@ class StepOnUpdate(LRScheduler):
         self.scheduler = scheduler
         self.optimizer = scheduler.optimizer
 
-    def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def step(self, *args: Any, **kwargs: Any) -> None:
         """Step the inner scheduler if the optimizer's last ``step`` moved the parameters."""
         if _was_update(self.optimizer):
             self.scheduler.step(*args, **kwargs)

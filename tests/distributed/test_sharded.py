@@ -7,8 +7,6 @@ a process group and importing torch in two processes costs seconds on two cores.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -141,7 +139,8 @@ def test_zero_order_communicates_only_scalars(zero_order, config, mode):
     2·samples int64, and the loss values, one float64 each; nothing that grows with the model."""
     kw = workers.ZO_CONFIGS[config]
     samples = kw["samples"]
-    values = 2 * samples if kw.get("estimator", "two_sided") == "two_sided" else samples + (kw.get("baseline", "f0") == "f0")
+    values = (2 * samples if kw.get("estimator", "two_sided") == "two_sided"
+              else samples + (kw.get("baseline", "f0") == "f0"))
     traffic = zero_order[0]["traffic"][(config, mode)]
     assert traffic["calls"] == 2 * workers.STEPS
     assert traffic["bytes"] == workers.STEPS * (16 * samples + 8 * values)

@@ -252,7 +252,8 @@ def _save(model: nn.Module, opt: torch.optim.Optimizer, path: str, flatten: bool
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=_options(flatten))}
+    sd = {"model": get_model_state_dict(model),
+          "optim": get_optimizer_state_dict(model, opt, options=_options(flatten))}
     dcp.save(sd, checkpoint_id=path)
 
 
@@ -412,7 +413,8 @@ def bad_input(rank: int, ws: int, out: str) -> dict[str, Any]:
             except BaseException as err:  # noqa: BLE001 - the type and message are the result (DCP: CheckpointException)
                 after = [full(p) for p in params]
                 detail = " ".join(str(e) for e in getattr(err, "failures", {}).values())  # DCP's, per rank
-                result[name] = (f"{type(err).__name__}: {err} {detail}".strip(), all(torch.equal(a, b) for a, b in zip(before, after)),
+                result[name] = (f"{type(err).__name__}: {err} {detail}".strip(),
+                                all(torch.equal(a, b) for a, b in zip(before, after)),
                                 max(float((a - b).abs().max()) for a, b in zip(before, after)))
         except Exception:
             result[name] = (traceback.format_exc(), None, None)

@@ -16,13 +16,14 @@ the opt-in backward hooks that fold each gradient into the state as soon as it i
 ``.grad``. The window position is the param-group key ``accum_micro_step`` (micro-steps taken in the
 current window, 0 ≤ · < k) and each parameter's ``accum_pending`` state entry says whether it absorbed
 a gradient in the current window: both live where ``torch.distributed.checkpoint``'s state-dict helpers
-and ``ZeroRedundancyOptimizer`` keep what they save, so a run resumed mid-window continues exactly. Subclasses provide ``_absorb`` (fold one micro-gradient) and ``_apply``
-(move θ at the end of a window); ``_update`` is the plain one-step kernel used when ``accum_steps=1``.
+and ``ZeroRedundancyOptimizer`` keep what they save, so a run resumed mid-window continues exactly.
+Subclasses provide ``_absorb`` (fold one micro-gradient) and ``_apply`` (move θ at the end of a window);
+``_update`` is the plain one-step kernel used when ``accum_steps=1``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -157,7 +158,9 @@ class AccumulatingOptimizer(DanluOptimizer):
             self._create_state(p, group, state, layout_of(p, group=group))  # placed, in state_dtype
         if p.numel() == 0:
             return
-        self._on_local(p, grad, group, state, lambda lp, lg, st: self._fold_local(lp, lg, st, group, t, apply))
+        # _on_local passes the local shard of ``grad`` (not None: a gradient was given)
+        self._on_local(p, grad, group, state,
+                       lambda lp, lg, st: self._fold_local(lp, cast(torch.Tensor, lg), st, group, t, apply))
 
     def _fold_local(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                     t: int, apply: bool = True) -> None:
@@ -214,15 +217,15 @@ class AccumulatingOptimizer(DanluOptimizer):
             self._sync_and_apply(work, t)
         else:
             for p, group in work:
-                self._fold(p, p.grad, group, t)
+                self._fold(p, cast(torch.Tensor, p.grad), group, t)  # work: the parameters with gradients
         if update and self.accum_steps > 1:
             # Parameters that absorbed gradients earlier in the window but had none now still move.
             for group in self.param_groups:
                 for p in group["params"]:
                     state = self.state.get(p)
                     if state and state.get(PENDING):
-                        self._on_local(p, None, group, state,
-                                       lambda lp, _, st, group=group: self._apply(lp, None, st, group))
+                        # (_on_local calls the lambda at once: ``group`` is this iteration's)
+                        self._on_local(p, None, group, state, lambda lp, _, st: self._apply(lp, None, st, group))
                         state[PENDING] = False
         self._micro_step = 0 if update else t
         self.is_update_step = update
@@ -239,7 +242,7 @@ class AccumulatingOptimizer(DanluOptimizer):
                              "FSDP2's gradient sync on every micro-batch and sync_window=False")
         last = {id(p): p.grad for p, _ in work}
         for p, group in work:
-            self._fold(p, p.grad, group, t, apply=False)
+            self._fold(p, cast(torch.Tensor, p.grad), group, t, apply=False)  # work: the parameters with gradients
         pending = [(p, group) for group in self.param_groups for p in group["params"]
                    if self.state.get(p) and self.state[p].get(PENDING)]
         self._average_window([self.state[p] for p, _ in pending])

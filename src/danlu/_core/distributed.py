@@ -42,12 +42,17 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
 import torch
 
 from .numerics import acc_dtype
 from .numerics import rms as _plain_rms
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard as DShard
+    from typing_extensions import TypeIs
 
 __all__ = ["Shard", "layout_of", "is_dtensor", "check_layouts", "local_state", "store_local_state", "place_state",
            "on_shard", "current", "global_shape", "sum_over", "mean_over", "amax_over", "rms", "check_sync",
@@ -72,7 +77,7 @@ def _dtensor_type() -> Any:
     return _DTensor or None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeIs[DTensor]:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (cheap: no import for plain tensors)."""
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return False
@@ -125,7 +130,8 @@ def layout_of(p: torch.Tensor, what: str = "parameter", group: dict[str, Any] | 
             f"{mesh.ndim}-D mesh with placements {_describe(placements)} (HSDP, 2-D or tensor-parallel layouts "
             "are not supported)")
     pl = placements[0]
-    ok = pl.is_replicate() or (pl.is_shard() and (pl.dim == 0 or (p.dim() and pl.dim == -p.dim())))
+    sd = cast("DShard", pl).dim if pl.is_shard() else None  # a Shard's dim (the stubs say Placement)
+    ok = pl.is_replicate() or (sd is not None and (sd == 0 or (p.dim() and sd == -p.dim())))
     if not ok:
         raise ValueError(
             f"danlu optimizers support DTensor {what}s sharded on dim 0 (FSDP2) or replicated; got placements "
@@ -412,7 +418,7 @@ def run_bucketed(tasks: Sequence[tuple[Shard, Any]]) -> None:
         raise min(errors, key=lambda e: e[0])[1]
 
 
-def sum_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim: bool = False,
+def sum_over(x: torch.Tensor, dim: int | tuple[int, ...] | list[int] | None = None, *, keepdim: bool = False,
              aligned: bool = True) -> torch.Tensor:
     """``x.sum(dim, keepdim)`` (all dims for None); over the sharded dim of an aligned ``x``, of the whole
     parameter: the local sum, all-reduced."""
@@ -428,7 +434,7 @@ def _count(x: torch.Tensor, dims: tuple[int, ...], sh: Shard | None) -> int:
     return n
 
 
-def mean_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdim: bool = False,
+def mean_over(x: torch.Tensor, dim: int | tuple[int, ...] | list[int] | None = None, *, keepdim: bool = False,
               aligned: bool = True) -> torch.Tensor:
     """``x.mean(dim, keepdim)``; over the sharded dim of an aligned ``x``: the global sum over the global count."""
     sh = _crosses(x, dim, aligned)
@@ -437,7 +443,8 @@ def mean_over(x: torch.Tensor, dim: int | Sequence[int] | None = None, *, keepdi
     return sum_over(x, dim, keepdim=keepdim, aligned=aligned).div_(_count(x, _dims(x, dim), sh))
 
 
-def amax_over(x: torch.Tensor, dim: int | Sequence[int], *, keepdim: bool = False, aligned: bool = True) -> torch.Tensor:
+def amax_over(x: torch.Tensor, dim: int | Sequence[int], *, keepdim: bool = False,
+              aligned: bool = True) -> torch.Tensor:
     """``x.amax(dim, keepdim)``; over the sharded dim of an aligned ``x``: all-reduced (an empty shard gives −inf)."""
     sh = _crosses(x, dim, aligned)
     if sh is None:
@@ -530,7 +537,7 @@ def all_zero(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every entry of ``tensors`` is 0, decided for the whole of each FSDP2 DTensor (its shards'
     answers combined by one all-reduce, so every rank returns the same)."""
     nonzero = any(bool((t.to_local() if is_dtensor(t) else t).any()) for t in tensors)
-    groups = []
+    groups: list[Any] = []
     for t in tensors:
         sh = layout_of(t, "gradient") if is_dtensor(t) else None
         if sh is not None and sh.sharded and all(g is not sh.group for g in groups):

@@ -54,8 +54,9 @@ unsupported platform) the per-tensor path runs instead, with one warning; inside
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -134,8 +135,9 @@ def _trace_config() -> Any:
 
 def _fresh_function(name: str, template: Callable[..., Any] = _apply_kernel) -> Callable[..., Any]:
     """A copy of ``template`` with its own code object (dynamo caches per code object)."""
-    code = template.__code__.replace(co_name=name)
-    return type(template)(code, template.__globals__, name)
+    fn = cast(types.FunctionType, template)  # a plain ``def`` function of this module
+    code = fn.__code__.replace(co_name=name)
+    return type(fn)(code, fn.__globals__, name)
 
 
 def _scalar_like(value: Any, device: torch.device) -> Any:

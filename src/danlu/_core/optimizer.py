@@ -19,12 +19,16 @@ checks and descriptions that such a tool may drop.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["DanluOptimizer", "ParamsT", "init_moments", "new_step", "STEP_DTYPE", "is_state_init_step",
            "run_load_pre_hooks", "run_state_dict_post_hooks", "run_load_post_hooks", "hooks_suspended"]
@@ -36,7 +40,8 @@ _TAG = "danlu_optimizer"
 # and ``differentiable``, which Optimizer.__setstate__ adds to ``defaults`` on unpickling/deepcopy).
 _GROUP_BOOKKEEPING = frozenset({"initial_lr", "param_names", "differentiable"})
 # Options added after danlu 0.1: a saved group without them takes the optimizer's default.
-_LATER_OPTIONS = frozenset({"fused", "state_dtype", "shard_statistics", "lr_scale", "on_nan", "shrink", "shrink_center"})
+_LATER_OPTIONS = frozenset({"fused", "state_dtype", "shard_statistics", "lr_scale", "on_nan", "shrink",
+                            "shrink_center"})
 _STATE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 _SR_KEY = "sr_key"  # the fused path's precomputed rounding key, in ``derived``
 
@@ -255,7 +260,7 @@ class DanluOptimizer(torch.optim.Optimizer):
         from . import distributed as dist_  # noqa: PLC0415
 
         sharded = any(dist_.is_dtensor(p) for p, _ in work)  # layouts checked by _check_grads
-        fused = []
+        fused: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]] = []
         bucketed: list[tuple[Any, Callable[[], None]]] = []
         written: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
         for p, group in work:
@@ -267,14 +272,15 @@ class DanluOptimizer(torch.optim.Optimizer):
                 self._init_stored(p, group, state)  # state_dtype set on the group after this state was made
             if p.numel() == 0:
                 continue  # nothing to move; reductions over empty dims would write NaN into the state
+            grad = cast(torch.Tensor, p.grad)  # work holds the parameters that have gradients
             if shard is None:
                 if group.get("fused"):
-                    fused.append((p, p.grad, group, state))
+                    fused.append((p, grad, group, state))
                 else:
-                    self._update_stored(p, p.grad, state, group)
+                    self._update_stored(p, grad, state, group)
                 continue
             local = dist_.local_state(state)
-            lp, lg = shard.local, p.grad.to_local()
+            lp, lg = shard.local, cast("DTensor", grad).to_local()  # a DTensor like p (check_layouts)
             if shard.local_stats and shard.sharded and self._reduces_across_rows(p, group):
                 # shard_statistics="local": the kernel on this shard alone, no collectives (an empty shard
                 # only counts the update, so that every rank's counter agrees).
@@ -297,7 +303,7 @@ class DanluOptimizer(torch.optim.Optimizer):
                 continue
             # The per-tensor kernel on the local shards; a rank with an empty shard runs it too, so that it
             # joins the kernel's collectives (bucketed over the step's kernels, below).
-            bucketed.append((shard, lambda lp=lp, lg=lg, local=local, group=group: self._update_stored(lp, lg, local, group)))
+            bucketed.append((shard, functools.partial(self._update_stored, lp, lg, local, group)))
             written.append((shard, group, state, local))
         if bucketed:
             dist_.run_bucketed(bucketed)
@@ -329,7 +335,7 @@ class DanluOptimizer(torch.optim.Optimizer):
             return fn(p, grad, state)
         local = dist_.local_state(state)
         with dist_.on_shard(shard):
-            out = fn(shard.local, None if grad is None else grad.to_local(), local)
+            out = fn(shard.local, None if grad is None else cast("DTensor", grad).to_local(), local)
         dist_.store_local_state(self, shard, group, state, local)
         return out
 
@@ -513,7 +519,7 @@ class DanluOptimizer(torch.optim.Optimizer):
 
     def _after_load(self) -> None:
         """Normalise the loaded state (before the post-hooks): the float32 step counter."""
-        for p, st in self.state.items():
+        for _p, st in self.state.items():
             step = st.get("step") if isinstance(st, dict) else None
             if step is not None and not (isinstance(step, torch.Tensor) and step.dtype == STEP_DTYPE):
                 st["step"] = torch.tensor(float(step), dtype=STEP_DTYPE)
@@ -614,8 +620,8 @@ class DanluOptimizer(torch.optim.Optimizer):
                 continue  # a Python-number step, as torch.optim accepts
             if isinstance(ref, torch.Tensor):
                 if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(ref.shape):
-                    shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+                    got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
                     raise ValueError(
-                        f"{me}.load_state_dict: state {key!r} of parameter {pid!r} has shape {shape}, "
+                        f"{me}.load_state_dict: state {key!r} of parameter {pid!r} has shape {got}, "
                         f"expected {tuple(ref.shape)} for a parameter of shape {tuple(p.shape)}"
                     )

@@ -55,7 +55,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         # Optimizer.__init__ applies, since the groups and the state belong to the inner optimizer.
         self.__setstate__({"defaults": optimizer.defaults})
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -63,7 +63,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 

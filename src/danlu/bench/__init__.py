@@ -2,3 +2,7 @@
 
 Needs the ``[bench]`` extra (scikit-learn, for its bundled data sets).
 """
+
+from .user_task import UserTask, UserTaskError
+
+__all__ = ["UserTask", "UserTaskError"]

@@ -1,6 +1,9 @@
 """The ``danlu`` command line: ``danlu compare`` and ``danlu speed`` (also ``python -m danlu ...``).
 
-Errors in the arguments (an unknown optimizer, a bad number) print one line and exit with status 2.
+Errors in the arguments (an unknown optimizer, a bad number) print one line and exit with status 2, and
+so does a bad entry point of your own (``--task MODULE:ATTR``, ``--params-from MODULE:ATTR``; the
+protocol is in :mod:`danlu.bench.user_task`) or an exception from its code during training: the report
+is written only after every run has finished, into a fresh directory moved into place.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import torch
 
 from .. import __version__
 from .experiments import EXPERIMENT_NAMES
-from .tasks import TASKS
+from .tasks import TASKS, Task
+from .user_task import UserTaskError, check_task, is_entry_point, load_param_shapes, load_task
 from .speed import (_split, baselines, compiler_setup_seconds, default_names, format_table, is_valid_name,
                     results_json, run_speed, stream_bandwidth, transformer_shapes)
 
@@ -55,6 +59,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fail(command: str, message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as argparse's errors (without the usage line: the arguments
+    parsed; what they name is at fault)."""
+    sys.stderr.write(f"danlu {command}: error: {message}\n")
+    raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="danlu", description="danlu optimizer tools")
     parser.add_argument("--version", action="version", version=f"danlu {__version__}")
@@ -65,7 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Time optimizer steps interleaved on a transformer-shaped set of tensors; report the "
         "median step time, its ratio to torch's fused AdamW in the same run, and state bytes per parameter.",
     )
-    speed.add_argument("--params", type=_positive_float, default=30e6, help="number of parameters (default 30e6)")
+    size = speed.add_mutually_exclusive_group()
+    size.add_argument("--params", type=_positive_float, default=None,
+                      help="number of parameters of a transformer-shaped set of tensors (default 30e6)")
+    size.add_argument("--params-from", default=None, metavar="MODULE:ATTR",
+                      help="time the step on your model's parameter shapes instead: ATTR() (or ATTR(seed)) returns "
+                      "an nn.Module, an iterable of tensors, or a task (see --task MODULE:ATTR); a file path "
+                      "path/to/file.py:ATTR works too")
     speed.add_argument("--optimizers", default=None,
                        help="comma-separated names (default: every danlu optimizer that steps from .grad, "
                        "and every installed baseline)")
@@ -84,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         "on a quick budget and 1 seed.",
     )
     compare.add_argument("--task", nargs="+", default=None, metavar="TASK",
-                         help=f"one or more of {', '.join(TASKS)} (default: {' '.join(DEFAULT_TASKS)})")
+                         help=f"one or more of {', '.join(TASKS)} (default: {' '.join(DEFAULT_TASKS)}), or a task "
+                         "of your own as MODULE:ATTR (or path/to/file.py:ATTR): ATTR() returns a "
+                         "danlu.bench.user_task.UserTask or a dict with model(seed), batches(seed), "
+                         "loss_fn(model, batch), metric(model) (lower is better) and steps")
     compare.add_argument("--optimizers", default=None,
                          help="comma-separated names (default: " + ",".join(DEFAULT_OPTIMIZERS)
                          + ", those that suit each task; a task none of them suits uses all it suits)")
@@ -119,23 +139,38 @@ def _speed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"device {args.device!r} is not available")
     if "torch-adamw-fused" not in names and "torch-adamw-fused" in baselines():
         names = ["torch-adamw-fused"] + names  # the reference every ratio is measured against
+    if args.params_from is not None:
+        try:
+            shapes = load_param_shapes(args.params_from)
+        except UserTaskError as exc:
+            _fail("speed", str(exc))
+        n = sum(torch.Size(s).numel() for s in shapes)
+        what = f"{_count(n)} parameters in {len(shapes)} tensors from {args.params_from}"
+    else:
+        shapes = transformer_shapes(30e6 if args.params is None else args.params)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        what = f"{n / 1e6:.1f}M parameters"
     bandwidth = stream_bandwidth(args.device)
     peers = baselines()
     setup = compiler_setup_seconds(args.device) if any(_split(n)[1] for n in names if n not in peers) else None
-    results = run_speed(names, n_params=args.params, dtype=_DTYPES[args.dtype], device=args.device,
+    results = run_speed(names, shapes=shapes, dtype=_DTYPES[args.dtype], device=args.device,
                         repeats=args.repeats, bandwidth=bandwidth)
-    n = sum(torch.Size(s).numel() for s in transformer_shapes(args.params))
     header = (f"danlu {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-              f"{args.device}, {args.dtype}, {n / 1e6:.1f}M parameters, {args.repeats} interleaved rounds")
+              f"{args.device}, {args.dtype}, {what}, {args.repeats} interleaved rounds")
     if args.json:
-        print(json.dumps({"environment": header, "stream_bandwidth_bytes_per_s": bandwidth,
-                          "compiler_setup_s": setup,
+        print(json.dumps({"environment": header, "n_params": n, "params_from": args.params_from,
+                          "stream_bandwidth_bytes_per_s": bandwidth, "compiler_setup_s": setup,
                           "results": results_json(results)}, indent=2))
     else:
         if setup is not None:
             header += f"; compiler setup (once per process, before the first fused step) {setup:.1f} s"
-        print(format_table(results, int(args.params), header, bandwidth))
+        print(format_table(results, n, header, bandwidth))
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count for a header: 1234 → "1234", 2.5e6 → "2.50M"."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
 
 
 def _is_earlier_report(path: Path) -> bool:
@@ -185,7 +220,7 @@ class _Progress:
     def add(self, units: int) -> None:
         """Grow the total (work discovered on the way, e.g. an lr grid extended at its edge)."""
         if self._bar is not None:
-            self._bar.update(self._id, total=self._bar.tasks[0].total + units)
+            self._bar.update(self._id, total=(self._bar.tasks[0].total or 0) + units)
 
     def advance(self, units: int, description: str | None = None) -> None:
         if self._bar is not None:
@@ -210,17 +245,45 @@ def _write_atomically(out: Path, write: Any) -> Any:
     return result
 
 
-def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[Any, str, list[float], int, int]]:
-    """Validate the arguments (parser.error: one line, exit 2) and return the sweeps to do:
-    (task, optimizer, lrs, seeds, steps)."""
+Plan = list[tuple[Task, str, list[float], int, int]]
+
+
+def _load_tasks(names: list[str], parser: argparse.ArgumentParser) -> tuple[list[Task], dict[str, str]]:
+    """The tasks ``names`` give, embedded or entry points (imported and checked for their declared
+    fields, not yet built), and {task name: entry point} for the latter."""
+    names = [n if is_entry_point(n) else n.lower() for n in names]
+    unknown = [n for n in names if not is_entry_point(n) and n not in TASKS]
+    if unknown or not names:
+        parser.error(f"unknown task(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(TASKS)}, "
+                     "or a task of your own as MODULE:ATTR")
+    tasks: list[Task] = []
+    sources: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        if not is_entry_point(name):
+            tasks.append(TASKS[name])
+            continue
+        try:
+            task = load_task(name)
+        except UserTaskError as exc:
+            _fail("compare", str(exc))
+        tasks.append(task)
+        sources[task.name] = name
+    seen: set[str] = set()
+    for task in tasks:
+        if task.name in seen:
+            _fail("compare", f"two tasks are named {task.name!r}; give your task another name (UserTask(name=...))")
+        seen.add(task.name)
+    return tasks, sources
+
+
+def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Plan, dict[str, str]]:
+    """Validate the arguments (parser.error: one line, exit 2) and return the sweeps to do,
+    (task, optimizer, lrs, seeds, steps), and {task name: entry point} for the tasks of the user's own,
+    each checked on a build with seed 0 before anything runs."""
     from ..registry import list_optimizers
 
     suite = args.task is None
-    names = list(DEFAULT_TASKS) if suite else [t.strip().lower() for t in args.task if t.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        parser.error(f"unknown task(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(TASKS)}")
-    tasks = [TASKS[n] for n in dict.fromkeys(names)]
+    names = list(DEFAULT_TASKS) if suite else [t.strip() for t in args.task if t.strip()]
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be an integer ≥ 1, got {args.steps}")
     if args.seeds is not None and args.seeds < 1:
@@ -240,13 +303,15 @@ def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         bad = [o for o in opts if o not in known]
         if bad or not opts:
             parser.error(f"unknown optimizer(s) {', '.join(bad) or '(none given)'}; known: {', '.join(known)}")
+    _check_out(args, parser)
+    tasks, sources = _load_tasks(names, parser)  # imports the user's modules: after the cheap checks
+    if args.optimizers is not None:
         for task in tasks:
             unsuited = [o for o in opts if o not in task.suits]
             if unsuited:
                 parser.error(f"optimizer(s) {', '.join(unsuited)} not supported on task {task.name!r}; "
                              f"it supports: {', '.join(task.suits)}")
-    _check_out(args, parser)
-    plan = []
+    plan: Plan = []
     for task in tasks:
         if args.optimizers is not None:
             task_opts = opts
@@ -256,7 +321,18 @@ def _compare_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         for opt in task_opts:
             lrs = explicit_lrs or [task.default_lr(opt) * f for f in AUTO_FACTORS]
             plan.append((task, opt, [float(f"{lr:.6g}") for lr in lrs], seeds, steps))
-    return plan
+    for task in tasks:
+        if task.name in sources:
+            try:
+                check_task(task, [p[1] for p in plan if p[0] is task])
+            except UserTaskError as exc:
+                _fail("compare", str(exc))
+    return plan, sources
+
+
+def _advancer(progress: _Progress, name: str) -> Callable[[int, str], None]:
+    """What an experiment reports its progress to: ``advance(units, what)``."""
+    return lambda units, what: progress.advance(units, f"{name}: {what}")
 
 
 def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -288,8 +364,7 @@ def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         with _Progress(total, args.quiet) as progress:
             for e, (seeds, steps) in zip(experiments, budgets):
                 progress.describe(e.name)
-                ctx = Context(seeds, steps, tmp, lambda units, what, e=e: progress.advance(units, f"{e.name}: {what}"),
-                              progress.add)
+                ctx = Context(seeds, steps, tmp, _advancer(progress, e.name), progress.add)
                 t0 = time.perf_counter()
                 outcome = e.run(ctx)
                 done.append((e, ctx, outcome, time.perf_counter() - t0))
@@ -297,7 +372,7 @@ def _experiments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         return done
 
     done = _write_atomically(Path(args.out), write)
-    for e, ctx, outcome, seconds in done:
+    for e, _ctx, outcome, _seconds in done:
         if not args.quiet:
             print(f"{e.name}: {outcome.verdict}. {outcome.reason}")
     print(f"report: {Path(args.out) / 'report.md'} ({len(done)} experiment(s) in "
@@ -309,7 +384,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .loop import run, sweep
     from .report import format_leaderboard, write_report
 
-    plan = _compare_plan(args, parser)
+    plan, sources = _compare_plan(args, parser)
     out = Path(args.out)
     auto = args.lrs.strip().lower() == "auto"
     config = {"tasks": list(dict.fromkeys(p[0].name for p in plan)),
@@ -317,6 +392,8 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               "steps": {p[0].name: p[4] for p in plan}, "seeds": plan[0][3],
               "lrs": args.lrs, "auto_factors": list(AUTO_FACTORS), "auto_extensions": AUTO_EXTENSIONS,
               "extended": []}
+    if sources:
+        config["user_tasks"] = sources
     results = []
     start = time.perf_counter()
     with _Progress(sum(len(p[2]) * p[3] * p[4] for p in plan), args.quiet) as progress:
@@ -331,8 +408,11 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 config["extended"].append({"task": task.name, "optimizer": opt, "lr": lr})
                 progress.add(seeds * steps)
 
-            by_lr = sweep(lrs, seeds, run_one, AUTO_EXTENSIONS if auto else 0,
-                          AUTO_FACTORS[-1] / AUTO_FACTORS[-2], extended)
+            try:
+                by_lr = sweep(lrs, seeds, run_one, AUTO_EXTENSIONS if auto else 0,
+                              AUTO_FACTORS[-1] / AUTO_FACTORS[-2], extended)
+            except UserTaskError as exc:  # the task's own code failed mid-run: nothing has been written
+                _fail("compare", str(exc))
             results += [r for runs in by_lr.values() for r in runs]
     config["wall_seconds"] = round(time.perf_counter() - start, 2)
     summaries = _write_atomically(out, lambda tmp: write_report(tmp, results, config))

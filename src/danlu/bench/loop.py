@@ -24,13 +24,17 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 
 from ..registry import create_optimizer
 from .speed import _state_bytes
 from .tasks import Problem, Task
+
+if TYPE_CHECKING:
+    from ..zeroth.mgs import MGS
+    from ..zeroth.zero_order import ZeroOrder
 
 __all__ = ["RunResult", "run", "mean_curve", "lr_scores", "lr_beyond_edge", "sweep"]
 
@@ -131,11 +135,12 @@ def _finite_or_none(x: float) -> float | None:
 
 def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) -> float:
     """One optimizer step on ``problem.train_loss(step)``; returns that step's loss as a float."""
+    loss: Any
     if name == "zero-order":
         # A task with a non-differentiable objective (zero-one) is searched on that objective itself.
         objective = problem.task_loss if problem.task_loss is not None else (lambda: problem.train_loss(step))
         with torch.no_grad():
-            loss = opt.step(objective)
+            loss = cast("ZeroOrder", opt).step(objective)
     elif name == "mgs":
         if problem.task_loss is None:
             raise ValueError("mgs needs a task with a task_loss (e.g. zero-one)")
@@ -146,7 +151,7 @@ def _step(opt: torch.optim.Optimizer, name: str, problem: Problem, step: int) ->
             value.backward()
             return value
 
-        loss = opt.step(surrogate, problem.task_loss)
+        loss = cast("MGS", opt).step(surrogate, problem.task_loss)
     else:
         opt.zero_grad()
         loss = problem.train_loss(step)

@@ -205,7 +205,8 @@ def _markdown(summaries: list[Summary], config: dict[str, Any], env: dict[str, A
     lines = ["# danlu compare", "",
              f"danlu {env['danlu_version']} (commit {env['git_commit'] or 'n/a'}), torch {env['torch_version']}, "
              f"{env['processor']}, {env['cpu_count']} CPUs.", "",
-             "Steps: " + ", ".join(f"{t} {n}" for t, n in config["steps"].items()) + f"; seeds: {config['seeds']}; lrs: {config['lrs']}. "
+             "Steps: " + ", ".join(f"{t} {n}" for t, n in config["steps"].items())
+             + f"; seeds: {config['seeds']}; lrs: {config['lrs']}. "
              "The best lr per optimizer is the one with the lowest mean final val loss over seeds "
              "(diverged runs excluded). Steps to target: first evaluated step at which the mean val "
              "loss reaches the worst optimizer's best final val loss on that task.", ""]

@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -193,11 +193,17 @@ def run_speed(
     repeats: int = 10,
     warmup: int = 2,
     bandwidth: float | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ) -> list[SpeedResult]:
-    """Time ``names`` (danlu registry names or :func:`baselines` names) interleaved; see module doc."""
+    """Time ``names`` (danlu registry names or :func:`baselines` names) interleaved; see module doc.
+
+    The tensors have ``shapes`` when given (a model's own, e.g. from ``danlu speed --params-from``),
+    else :func:`transformer_shapes` of ``n_params``."""
     known = baselines()
     gen = torch.Generator().manual_seed(0)
-    shapes = transformer_shapes(n_params)
+    shapes = transformer_shapes(n_params) if shapes is None else [tuple(s) for s in shapes]
+    if not shapes:
+        raise ValueError("shapes must name at least one tensor")
     base = [torch.randn(s, generator=gen).mul_(0.02).to(device=device, dtype=dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen).mul_(1e-3).to(device=device, dtype=dtype) for s in shapes]
     n = sum(p.numel() for p in base)

@@ -221,6 +221,8 @@ def _corpus() -> str:
 class CharTransformer(nn.Module):
     """A small pre-norm causal transformer over characters (learned positions, tied to ``context``)."""
 
+    mask: torch.Tensor  # the causal mask, a buffer
+
     def __init__(self, vocab: int, context: int = CONTEXT, dim: int = 64, layers: int = 2, heads: int = 4):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)

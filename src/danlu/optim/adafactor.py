@@ -93,6 +93,7 @@ def adafactor_update(
         # (`danlu speed --optimizers adafactor-fused`: 1.94× fused AdamW, from 2.04–2.32× with a pass
         # of its own). A non-finite g makes it NaN, as it makes every entry of the update NaN anyway.
         if compiled:
+            assert dims is not None  # compiled is only set for factored dims
             p_rms = (sum_along(param.square() + (grad - grad), dims[1]).sum() / max(param.numel(), 1)).sqrt()
         else:
             p_rms = rms(param)
@@ -152,10 +153,10 @@ class Adafactor(DanluOptimizer):
             device, dtype and state dtypes; see ``danlu._core.fused``) instead of the per-tensor loop
             (default False). The first step compiles (seconds; cached in the optimizer); lr, beta1 and weight decay
             enter as 0-d tensors, so schedulers do not recompile. Same math as the loop, to rounding.
-        state_dtype: store the momentum ``exp_avg`` (with ``beta1``) in this dtype instead of the parameter's (default None): bfloat16
-            halves their memory on float32 parameters (computed in float32, rounded stochastically on
-            store with counter-based noise: unbiased, reproducible, identical across DDP replicas;
-            on the per-tensor and the fused path);
+        state_dtype: store the momentum ``exp_avg`` (with ``beta1``) in this dtype instead of the
+            parameter's (default None): bfloat16 halves their memory on float32 parameters (computed in
+            float32, rounded stochastically on store with counter-based noise: unbiased, reproducible,
+            identical across DDP replicas; on the per-tensor and the fused path);
             float32 keeps full-precision state for bfloat16 parameters.
         shard_statistics: under FSDP2, how the quantities that span the sharded dim 0 are computed:
             ``"exact"`` (default) over the whole parameter, with explicit all-reduces (the result equals
@@ -174,9 +175,10 @@ class Adafactor(DanluOptimizer):
         ``torch.optim.Adafactor`` (its step is always relative and param-scaled, its ``lr`` the cap of
         ρ_t, as here with ``relative_step``; it factors the last two dims of any ≥2-D tensor; ε1 clamps
         V̂ instead of being added to G²) and from HF transformers (momentum on the scaled update, decay
-        ×α_t). The defaults agree with torch on vectors and on matrices whose two dims are ≥ 128. The mesh-tf rule that scales the relative step by 0.05 when
-        ``scale_parameter=False`` is not applied. Momentum is an EMA of Û before scaling (Su, bert4keras).
-        Weight decay multiplies ρ_t. State is kept in the parameter's dtype.
+        ×α_t). The defaults agree with torch on vectors and on matrices whose two dims are ≥ 128. The
+        mesh-tf rule that scales the relative step by 0.05 when ``scale_parameter=False`` is not
+        applied. Momentum is an EMA of Û before scaling (Su, bert4keras). Weight decay multiplies ρ_t.
+        State is kept in the parameter's dtype.
     """
 
     # ``beta1`` may be switched on between steps (or by a scheduler): ``exp_avg`` then starts at 0.

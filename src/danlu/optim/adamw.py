@@ -94,7 +94,8 @@ class AdamW(AccumulatingOptimizer):
         init_moments(p, state)
         self._init_accum_state(state)
 
-    def _absorb(self, p, grad, state, group, first) -> None:  # type: ignore[no-untyped-def]
+    def _absorb(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                first: bool) -> None:
         beta1, beta2 = group["betas"]
         k = self.accum_steps
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -104,7 +105,7 @@ class AdamW(AccumulatingOptimizer):
         add_scaled_(m, grad, (1.0 - beta1) / k)
         addcmul_scaled_(v, grad, grad, (1.0 - beta2) / k)
 
-    def _derive(self, p, state, group):  # type: ignore[no-untyped-def]
+    def _derive(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
         """Increment the counter; the step size lr/(1 − β1^t) and √(1 − β2^t) (0-d float64)."""
         beta1, beta2 = group["betas"]
         step = state["step"]
@@ -113,7 +114,8 @@ class AdamW(AccumulatingOptimizer):
         return {"step_size": group["lr"] / (1.0 - torch.pow(beta1, t)),
                 "bias_correction2_sqrt": (1.0 - torch.pow(beta2, t)).sqrt()}
 
-    def _apply(self, p, grad, state, group, derived=None) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any], group: dict[str, Any],
+               derived: dict[str, Any] | None = None) -> None:
         if derived is None:
             derived = self._derive(p, state, group)
         decoupled_decay_(p, group["lr"], group["weight_decay"])

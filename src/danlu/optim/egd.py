@@ -185,7 +185,8 @@ class EGD(DanluOptimizer):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise TypeError(f"Invalid simplex_dim: {dim!r} (expected None or an int)")
         if signed and dim is not None:
-            raise ValueError(f"Invalid simplex_dim: {dim!r} (expected None with signed=True; the simplex holds positive parameters)")
+            raise ValueError(f"Invalid simplex_dim: {dim!r} (expected None with signed=True; the simplex holds "
+                             "positive parameters)")
         if not signed and group["l1_budget"] is not None:
             raise ValueError(
                 f"Invalid l1_budget: {group['l1_budget']!r} (expected None with signed=False; "
@@ -193,12 +194,13 @@ class EGD(DanluOptimizer):
             )
         for i, p in enumerate(params):
             if dim is not None and not -max(p.dim(), 1) <= dim < max(p.dim(), 1):
-                raise ValueError(f"Invalid simplex_dim: {dim!r} (dim {dim} does not exist in a parameter of shape {tuple(p.shape)})")
+                raise ValueError(f"Invalid simplex_dim: {dim!r} (dim {dim} does not exist in a parameter of shape "
+                                 f"{tuple(p.shape)})")
             if not signed and p.numel() and not bool((p.detach() > 0).all()):
                 raise ValueError(
-                    f"Invalid params[{i}]: shape {tuple(p.shape)}, min {p.detach().min().item()!r} (expected every entry "
-                    "> 0: EGD multiplies parameters, so a zero never moves and a negative entry moves the wrong way; "
-                    "use signed=True (EG±) for parameters of either sign)"
+                    f"Invalid params[{i}]: shape {tuple(p.shape)}, min {p.detach().min().item()!r} (expected every "
+                    "entry > 0: EGD multiplies parameters, so a zero never moves and a negative entry moves the "
+                    "wrong way; use signed=True (EG±) for parameters of either sign)"
                 )
 
     def _reduces_across_rows(self, p: torch.Tensor, group: dict[str, Any]) -> bool:

@@ -36,7 +36,8 @@ def lion_update(
     add_scaled_(exp_avg.mul_(beta2), grad, 1.0 - beta2)
 
 
-def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor, weight_decay: float) -> None:
+def sign_step_(param: torch.Tensor, c: torch.Tensor, *, lr: float | torch.Tensor,
+               weight_decay: float | torch.Tensor) -> None:
     """θ ← θ·(1 − η·λ) − η·sign(c), with NaN wherever c is not finite."""
     update = propagate_nonfinite_(torch.sign(c), c)
     decoupled_decay_(param, lr, weight_decay)
@@ -82,19 +83,23 @@ class _SignMomentum(AccumulatingOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self._init_accum_state(state)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    # No ``_derive``: called with DanluOptimizer._update's four arguments, never AccumulatingOptimizer's ``derived``.
+    def _update(  # type: ignore[override]
+            self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         beta1, beta2 = self._betas(group)
         lion_update(p, grad, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"])
 
-    def _absorb(self, p, grad, state, group, first) -> None:  # type: ignore[no-untyped-def]
+    def _absorb(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                first: bool) -> None:
         beta2 = self._betas(group)[1]
         m = state["exp_avg"]
         if first:
             m.mul_(beta2)
         m.add_(grad, alpha=(1.0 - beta2) / self.accum_steps)
 
-    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
+               group: dict[str, Any]) -> None:
         beta1, beta2 = self._betas(group)
         m = state["exp_avg"]  # = β2·m_old + (1−β2)·ḡ after the window
         if beta1 == beta2 or grad is None:
@@ -138,7 +143,8 @@ class Lion(_SignMomentum):
         state_dtype: store m (``exp_avg``) in this dtype instead of the parameter's (default None).
             bfloat16 halves its memory on float32 parameters: computed in float32, rounded
             stochastically on store with counter-based noise (unbiased, reproducible, identical across
-            DDP replicas), on the per-tensor and the fused path (not with ``accum_steps`` > 1). float32 keeps full-precision state for bfloat16 parameters.
+            DDP replicas), on the per-tensor and the fused path (not with ``accum_steps`` > 1). float32
+            keeps full-precision state for bfloat16 parameters.
         sync_window: for DDP with ``no_sync()`` on the window's micro-batches (default False): their
             gradients are then rank-local, and the momentum a window folded is averaged over the ranks
             (one bucketed all-reduce per window) before θ moves, which equals folding the averaged
@@ -284,7 +290,9 @@ class Tiger(_SignMomentum):
     def _betas(self, group: dict[str, Any]) -> tuple[float, float]:
         return group["beta"], group["beta"]
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    # No ``_derive``: called with DanluOptimizer._update's four arguments, never AccumulatingOptimizer's ``derived``.
+    def _update(  # type: ignore[override]
+            self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         lr = tiger_lr(p, group["lr"], group.get("lr_scale"))
         beta, m = group["beta"], state["exp_avg"]
         if group.get("on_nan", "propagate") == "propagate":
@@ -297,7 +305,8 @@ class Tiger(_SignMomentum):
         sign_step_(stepped, m, lr=lr, weight_decay=group["weight_decay"])
         p.copy_(torch.where(bad, _shrink_(p, group), stepped))
 
-    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
+               group: dict[str, Any]) -> None:
         sign_step_(p, state["exp_avg"], lr=tiger_lr(p, group["lr"], group.get("lr_scale")),
                    weight_decay=group["weight_decay"])
 

@@ -86,13 +86,15 @@ class SGDM(AccumulatingOptimizer):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self._init_accum_state(state)
 
-    def _absorb(self, p, grad, state, group, first) -> None:  # type: ignore[no-untyped-def]
+    def _absorb(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                first: bool) -> None:
         beta = group["momentum"]
         buf = state["momentum_buffer"]
         if first:
             buf.mul_(beta)
         add_scaled_(buf, grad, (1.0 - beta) / self.accum_steps)
 
-    def _apply(self, p, grad, state, group) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
+               group: dict[str, Any]) -> None:
         decoupled_decay_(p, group["lr"], group["weight_decay"])
         add_scaled_(p, state["momentum_buffer"], -group["lr"])

@@ -204,9 +204,10 @@ class ChiGated(OptimizerWrapper):
             raise TypeError(f"{me} gates the inner optimizer's lr; Amos's extra_l2 term moves θ even at lr 0")
         if any(isinstance(o, ChiGated) for o in self._chain(optimizer)):
             raise TypeError(f"{me} wraps an optimizer that is already a {me}")
-        if int(getattr(inner, "accum_steps", 1)) != 1:
+        accum_steps = getattr(inner, "accum_steps", 1)
+        if int(accum_steps) != 1:
             raise ValueError(f"{me} wraps an optimizer without accumulation of its own; {type(inner).__name__} has "
-                             f"accum_steps={inner.accum_steps} (use one or the other: accum_steps is the exact rule)")
+                             f"accum_steps={accum_steps} (use one or the other: accum_steps is the exact rule)")
         for i, group in enumerate(self.param_groups):
             self._check_lr(i, group)
         self._keys = _momentum_keys(inner)
@@ -345,7 +346,7 @@ class ChiGated(OptimizerWrapper):
         self.param_groups[n][_MICRO] = self.param_groups[0].get(_MICRO, 0)  # it joins the current window
 
     # --- the step ---------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One micro-step: the inner optimizer steps on this micro-batch, with its lr set to 0 unless
         this is the k-th micro-step of the window. Returns the closure's loss (if a closure is given,
         it is passed to the inner step)."""
@@ -385,7 +386,8 @@ class ChiGated(OptimizerWrapper):
         self._loading = sd.get("param_groups") if isinstance(sd, dict) else None
         return sd
 
-    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+    def _check_own(self, entry: dict[str, Any] | None, own_state: dict[int, dict[str, Any]],
+                   own_groups: dict[int, dict[str, Any]], with_state: dict[int, dict[str, Any]]) -> None:
         me = type(self).__name__
         hyper = (entry or {}).get("hyper") or {}
         try:

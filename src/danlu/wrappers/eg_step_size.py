@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import torch
 
@@ -10,6 +10,9 @@ from .._core.distributed import layout_of, local_state, sum_partials
 from .._core.numerics import acc_dtype, propagate_nonfinite_
 from .._core.validate import check_choice, check_number, check_optional
 from .._core.wrapper import OptimizerWrapper
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["EGStepSize"]
 
@@ -128,9 +131,10 @@ class EGStepSize(OptimizerWrapper):
     scalars. Paper, coordinate: ``exp_avg``, ``nu``, ``prev_dir`` (3×); tensor/group: ``exp_avg``,
     ``prev_dir`` and scalars. ``nu`` and the per-group scalars are kept in float32 for 16-bit
     parameters. Each is stored with the prefix ``egs_`` (``egs_nu``, ...): per parameter in the inner
-    optimizer's state, per group (``egs_nu``, ``egs_scale``, 0-d) in the shared param group. About 5 elementwise passes over the parameters beyond the inner step. Exactness: the
-    closed form above holds to float rounding while no clamp or bound is active; with
-    ``meta_lr=0`` the wrapper is bitwise its inner optimizer.
+    optimizer's state, per group (``egs_nu``, ``egs_scale``, 0-d) in the shared param group. About 5
+    elementwise passes over the parameters beyond the inner step. Exactness: the closed form above
+    holds to float rounding while no clamp or bound is active; with ``meta_lr=0`` the wrapper is
+    bitwise its inner optimizer.
 
     Args:
         optimizer: the inner ``torch.optim.Optimizer``; the wrapper shares its param groups (an lr
@@ -182,6 +186,18 @@ class EGStepSize(OptimizerWrapper):
         "scale_max",
         "normalize",
     )
+    # The resolved hyperparameters (``_resolve``), set as attributes in __init__ and on load.
+    meta_lr: float
+    form: str
+    granularity: str
+    max_exponent: float
+    nu_min: float
+    nu_max: float
+    beta: float
+    scale_meta_lr: float
+    scale_min: float
+    scale_max: float
+    normalize: str | None
 
     def __init__(
         self,
@@ -239,7 +255,8 @@ class EGStepSize(OptimizerWrapper):
             keys.add("scale")
         return keys
 
-    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+    def _check_own(self, entry: dict[str, Any] | None, own_state: dict[int, dict[str, Any]],
+                   own_groups: dict[int, dict[str, Any]], with_state: dict[int, dict[str, Any]]) -> None:
         me = type(self).__name__
         try:
             cfg = _resolve({**self._config(), **((entry or {}).get("hyper") or {})})
@@ -260,7 +277,8 @@ class EGStepSize(OptimizerWrapper):
                 )
             for key, shape in expected.items():
                 if not isinstance(s[key], torch.Tensor) or tuple(s[key].shape) != shape:
-                    raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {i} is not a tensor of shape {shape}")
+                    raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {i} is not a tensor of "
+                                     f"shape {shape}")
         want = self._expected_group_state(cfg)
         start = 0
         for gi, group in enumerate(self.param_groups):
@@ -271,7 +289,8 @@ class EGStepSize(OptimizerWrapper):
                                  f"({self._prefix}*), which its parameters' state needs")
         for i, s in own_groups.items():
             if set(s) != want or not all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in s.values()):
-                raise ValueError(f"{me}.load_state_dict: param group {i} has state {sorted(s)}, expected 0-d {sorted(want)}")
+                raise ValueError(f"{me}.load_state_dict: param group {i} has state {sorted(s)}, expected 0-d "
+                                 f"{sorted(want)}")
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -335,7 +354,7 @@ class EGStepSize(OptimizerWrapper):
                 shards: list[Any]) -> list[tuple[torch.Tensor, ...]]:
         """:meth:`_hyper` of every (g, a); the sums of FSDP2 shards over the whole parameter, all of them in
         one all-reduce (``danlu._core.distributed.sum_partials``)."""
-        parts = [self._hyper(g, a, reduce) for g, a in pairs]
+        parts: list[tuple[torch.Tensor, ...]] = [self._hyper(g, a, reduce) for g, a in pairs]
         if not reduce or all(sh is None for sh in shards):
             return parts
         return [tuple(row) for row in sum_partials(parts, shards)]
@@ -348,13 +367,13 @@ class EGStepSize(OptimizerWrapper):
         return h / (denom + torch.finfo(h.dtype).tiny)
 
     @staticmethod
-    def _sum(parts: list[tuple[torch.Tensor, ...]], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _sum(parts: Sequence[tuple[torch.Tensor, ...]], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Sum per-tensor (H, ‖g‖², ‖a‖²) over a group, on ``like``'s device in the widest dtype."""
         dtype = torch.float64 if any(t[0].dtype == torch.float64 for t in parts) else torch.float32
         return tuple(torch.stack([t[j].to(like.device, dtype) for t in parts]).sum() for j in range(3))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the closure (if given), step the inner optimizer, rescale its update.
 
         Args:
@@ -373,7 +392,8 @@ class EGStepSize(OptimizerWrapper):
             rows = []
             for p, g in items:
                 shard = layout_of(p)
-                rows.append((p, g, None) if shard is None else (p, g.to_local(), shard))
+                # a DTensor p has a DTensor gradient placed like it
+                rows.append((p, g, None) if shard is None else (p, cast("DTensor", g).to_local(), shard))
             local_work.append((gi, rows))
         saved = [[(p if sh is None else sh.local).detach().clone() for p, _, sh in rows] for _, rows in local_work]
         self.optimizer.step()

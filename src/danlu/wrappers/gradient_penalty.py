@@ -9,7 +9,7 @@ turns descent into ascent and so also acts as a gradient-norm penalty (Su, kexue
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -179,7 +179,8 @@ class GradientPenalty(OptimizerWrapper):
     def method(self, value: str) -> None:
         self._method = check_choice("method", value, _METHODS)
 
-    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+    def _check_own(self, entry: dict[str, Any] | None, own_state: dict[int, dict[str, Any]],
+                   own_groups: dict[int, dict[str, Any]], with_state: dict[int, dict[str, Any]]) -> None:
         hyper = (entry or {}).get("hyper") or {}
         try:
             if "strength" in hyper:
@@ -195,7 +196,7 @@ class GradientPenalty(OptimizerWrapper):
         return [p for p in self._params() if p.requires_grad]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step on ∇[L + λ‖∇L‖²]; returns the closure's loss at the unperturbed θ.
 
         Args:
@@ -240,7 +241,7 @@ class GradientPenalty(OptimizerWrapper):
         local = [_local(p) for p in shifted]
         saved = [t.detach().clone() for t in local]
         for t, p in zip(local, shifted):
-            t.add_(_local(p.grad), alpha=2.0 * self._strength)
+            t.add_(_local(cast(torch.Tensor, p.grad)), alpha=2.0 * self._strength)  # shifted: those with grads
         try:
             closure_gradient(closure, params)
         finally:
@@ -270,7 +271,8 @@ class GradientPenalty(OptimizerWrapper):
             used = [(p, g) for p, g in zip(params, grads) if g is not None]
             if not used:
                 return loss
-            penalty = sum(g.square().sum() for _, g in used)
+            penalty = cast(torch.Tensor, sum(g.square().sum() for _, g in used))  # used is not empty
+            hess_g: tuple[torch.Tensor | None, ...]
             if penalty.requires_grad:  # False when L is linear in every parameter
                 hess_g = torch.autograd.grad(penalty, [p for p, _ in used], allow_unused=True)
             else:

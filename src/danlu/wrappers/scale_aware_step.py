@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from .._core.modules import classify_parameters
 from .._core.numerics import acc_dtype
 from .._core.validate import check_number
 from .._core.wrapper import OptimizerWrapper
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["ScaleAwareStep"]
 
@@ -151,12 +154,12 @@ class ScaleAwareStep(OptimizerWrapper):
             if gi >= len(self._scales) or j >= len(self._scales[gi]):
                 raise RuntimeError("ScaleAwareStep: a parameter without a recorded init scale (added to the inner "
                                    "optimizer behind the wrapper's back); add param groups through the wrapper")
-            local = p.to_local() if layout_of(p) is not None else p
+            local = cast("DTensor", p).to_local() if layout_of(p) is not None else p
             state["sas_scale"] = torch.tensor(self._scales[gi][j], dtype=acc_dtype(local), device=local.device)
         return state["sas_scale"]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the closure (if given), step the inner optimizer, rescale each tensor's update and decay."""
         loss = None
         if closure is not None:

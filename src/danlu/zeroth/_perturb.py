@@ -114,7 +114,7 @@ class Directions:
     def project(self, seed: int, vectors: Sequence[torch.Tensor]) -> float:
         """⟨u(seed), v⟩ summed over tensors (v aligned with ``params``), in float64."""
         total = 0.0
-        for (p, u), v in zip(self.tensors(seed), vectors):
+        for (_p, u), v in zip(self.tensors(seed), vectors):
             total += float(torch.sum(u.double() * v.double()))
         return total
 

@@ -25,7 +25,7 @@ import math
 from collections import defaultdict
 from fractions import Fraction
 from numbers import Real
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 
@@ -155,10 +155,11 @@ def _clip_(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> N
 
 def _grad_norm(params: list[torch.Tensor], shards: list[Any]) -> torch.Tensor:
     """The global 2-norm of the gradients (torch's ``get_total_norm``; for FSDP2 shards, each parameter's
-    squared norm summed over its shards, then over the parameters)."""
+    squared norm summed over its shards, then over the parameters). Every one of ``params`` has a gradient."""
+    grads = [cast(torch.Tensor, p.grad) for p in params]
     if all(sh is None for sh in shards):
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    sq = _summed([torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32).square() for p in params], shards)
+        return torch.nn.utils.get_total_norm(grads)
+    sq = _summed([torch.linalg.vector_norm(_local(g), dtype=torch.float32).square() for g in grads], shards)
     return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
 
 
@@ -384,7 +385,8 @@ class MGS(OptimizerWrapper):
         if self.param_groups:
             self.param_groups[0][self._prefix + "rng"] = self._generator.get_state()
 
-    def _check_own(self, entry, own_state, own_groups, with_state) -> None:  # type: ignore[no-untyped-def]
+    def _check_own(self, entry: dict[str, Any] | None, own_state: dict[int, dict[str, Any]],
+                   own_groups: dict[int, dict[str, Any]], with_state: dict[int, dict[str, Any]]) -> None:
         """Saved hyperparameters and generator state are checked before anything changes. A dict
         without MGS's entry (a tool that keeps only state and param_groups) keeps the generator."""
         mine = self._generator.get_state()
@@ -522,7 +524,7 @@ class MGS(OptimizerWrapper):
               trainable: list[torch.Tensor], searched: list[torch.Tensor]) -> Any:
         loss = closure_gradient(surrogate_closure, trainable)
         with_grad = [p for p in trainable if p.grad is not None]
-        if any(p.grad.is_sparse for p in with_grad):
+        if any(cast(torch.Tensor, p.grad).is_sparse for p in with_grad):
             raise RuntimeError("MGS does not support sparse gradients (it perturbs parameters densely)")
         # FSDP2 parameters: every vector operation below is on the local shards; norms and inner products
         # sum over the shards (danlu._core.distributed), the task losses are averaged over the ranks.
@@ -532,14 +534,14 @@ class MGS(OptimizerWrapper):
             raise RuntimeError(f"MGS: the surrogate gradient is not finite (norm {float(total)}); "
                                "nothing was changed")
         if self.max_grad_norm is not None and with_grad:
-            _clip_([_local(p.grad) for p in with_grad], self.max_grad_norm, total)
+            _clip_([_local(cast(torch.Tensor, p.grad)) for p in with_grad], self.max_grad_norm, total)
 
         active = [p for p in searched if p.grad is not None]
         if not active:
             self.last_step = None
             self.optimizer.step()
             return loss
-        grads = [_local(p.grad) for p in active]
+        grads = [_local(cast(torch.Tensor, p.grad)) for p in active]
         shards = [shard_of[id(p)] for p in active]
         # The surrogate gradients (a = −∇ for the searched params) are held here while the candidates
         # are scored, out of reach of a task_loss that zeroes or accumulates .grad.
@@ -561,7 +563,7 @@ class MGS(OptimizerWrapper):
         w_mle = sum(wi for wi, m in zip(w, mle) if m)
         dirs = Directions(active)
         streams = [self._noise(dirs, s, scales) for s in seeds]
-        for p, g, draws in zip(active, grads, zip(*streams)):
+        for _p, g, draws in zip(active, grads, zip(*streams)):
             acc = draws[0][1].mul_(w[0])
             for (_, n), wi in zip(draws[1:], w[1:]):
                 acc.add_(n, alpha=wi)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, cast
 
 import torch
 
@@ -24,6 +24,9 @@ from .._core.numerics import acc_dtype
 from .._core.optimizer import DanluOptimizer, ParamsT, is_state_init_step
 from .._core.validate import check_choice, check_lr, check_number
 from ._perturb import DISTRIBUTIONS, Directions, snapshot_low_precision
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["ZeroOrder", "ZOStep", "reinforce_loss", "score_sq_norms", "Alternating"]
 
@@ -405,7 +408,7 @@ class ZeroOrder(DanluOptimizer):
 
     # --- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One zeroth-order step; returns the loss at θ (see the class docstring).
 
         Args:
@@ -715,7 +718,8 @@ class _Run:
             if param is not p:  # an FSDP2 shard: the gradient is a DTensor placed like the parameter
                 from torch.distributed.tensor import DTensor  # noqa: PLC0415
 
-                param.grad = DTensor.from_local(grad, param.device_mesh, param.placements, run_check=False,
+                dparam = cast(DTensor, param)
+                param.grad = DTensor.from_local(grad, dparam.device_mesh, dparam.placements, run_check=False,
                                                 shape=param.shape, stride=param.stride())
             else:
                 param.grad = grad
@@ -723,7 +727,8 @@ class _Run:
         for s, c in zip(self.seeds[:-1], coefficients[:-1]):
             for k, (p, u) in enumerate(self.directions.tensors(s)):
                 g = self.params[k].grad
-                (g if g is not None and p is self.params[k] else g.to_local()).add_(u, alpha=c / n)
+                # (a shard's gradient: the DTensor the first pass wrote)
+                (g if g is not None and p is self.params[k] else cast("DTensor", g).to_local()).add_(u, alpha=c / n)
 
 
 def score_sq_norms(log_probs: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -802,8 +807,8 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
         raise ValueError("reinforce_loss: params= and sq_norms= serve baseline='optimal' only")
     if baseline == "optimal":
         if log_probs.dim() != 1 or n < 2:
-            _fail("baseline", baseline, f"a baseline other than 'optimal' for log_probs of shape {tuple(log_probs.shape)} "
-                  "('optimal' needs 1-D log_probs with at least 2 samples)")
+            _fail("baseline", baseline, "a baseline other than 'optimal' for log_probs of shape "
+                  f"{tuple(log_probs.shape)} ('optimal' needs 1-D log_probs with at least 2 samples)")
         if (params is None) == (sq_norms is None):
             raise ValueError("reinforce_loss: baseline='optimal' needs exactly one of params= (to compute the score "
                              "norms) or sq_norms= (precomputed ‖∇log p(y_i)‖², shape (n,))")

@@ -65,7 +65,7 @@ def _markdown(results: list[tuple[Experiment, Context, Outcome, float]], env: di
     lines += [f"| [{e.name}](#{e.name}) | **{o.verdict}** | {c.seeds} | {c.steps} | {sec:.0f} |"
               for e, c, o, sec in results]
     lines.append("")
-    for e, c, o, sec in results:
+    for e, _c, o, _sec in results:
         lines += [f'<a id="{e.name}"></a>', f"## {e.name}: {e.title}", "", o.protocol, ""]
         for headers, rows in o.tables:
             lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -198,7 +198,7 @@ def _train_isolated(schedule: str, seed: int, steps: int) -> dict[str, Any]:
         loss.backward()
         with torch.no_grad():
             for p, (m, v) in zip(params, states):
-                adax_update(p, p.grad, m, v, counter, lr=LR, beta1=BETA1, beta2=ADAX_BETA2, eps=EPS,
+                adax_update(p, cast(torch.Tensor, p.grad), m, v, counter, lr=LR, beta1=BETA1, beta2=ADAX_BETA2, eps=EPS,
                             weight_decay=0.0, beta_hat=beta_hat[s])
         if (s + 1) % every == 0 or s + 1 == steps:
             inv = torch.cat([(v.sqrt() + EPS).reciprocal().reshape(-1) for _, v in states])
@@ -323,9 +323,10 @@ def _run(ctx: Context) -> Outcome:
         f"Reference arms (not voted): `danlu.AdamW` (betas ({BETA1:g}, {ADAM_BETA2:g}), ε {EPS:g}, weight decay 0: "
         f"the Adam-β̂ arm plus bias correction of m) and `danlu.Adafactor` (lr {LR:g} absolute, "
         f"scale_parameter=False, beta1 {BETA1:g}, decay_rate {ADAFACTOR_C:g}, clip_threshold 1, unfactored: "
-        f"momentum on the clipped g/√v̂, ε1 = 1e-30 in g²), on the first {min(seeds, REF_SEEDS)} seed(s). Metric: the late spike, the largest rise of the loss "
-        f"(every step, floored at {FLOOR:g}) above its best value so far during steps ≥ {steps // 2}, in orders "
-        f"of magnitude; a seed is unstable at ≥ 1. Adafactor's β̂ passes Adam's at t_× = {t_cross}.")
+        f"momentum on the clipped g/√v̂, ε1 = 1e-30 in g²), on the first {min(seeds, REF_SEEDS)} seed(s). Metric: "
+        f"the late spike, the largest rise of the loss (every step, floored at {FLOOR:g}) above its best value so "
+        f"far during steps ≥ {steps // 2}, in orders of magnitude; a seed is unstable at ≥ 1. Adafactor's β̂ "
+        f"passes Adam's at t_× = {t_cross}.")
     expected = (
         "Su (kexue.fm/archives/7387, /7302): Adam's β̂_t → β2 < 1 keeps weight 1 − β2 on the current g², which "
         "may make late training unstable, as the gradients shrink; a schedule with β̂_1 = 0 and β̂_t → 1 "

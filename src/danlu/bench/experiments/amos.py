@@ -19,8 +19,8 @@ state bytes per parameter, Amos over AdamW.
 
 **Verdict rule.** Per task: the mean curve reaches the target within 70% of the budget → the speed claim
 holds; never within the budget → fails; in between → partly. The memory claim holds when the state
-ratio is ≤ 51% at the paper's precision (whole percent). *supported*: every task holds and memory holds; *not supported*: no task reaches the
-target; otherwise *mixed*. One seed → *inconclusive*.
+ratio is ≤ 51% at the paper's precision (whole percent). *supported*: every task holds and memory
+holds; *not supported*: no task reaches the target; otherwise *mixed*. One seed → *inconclusive*.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ MEMORY_FRACTION = 0.51
 
 
 def _groups(problem: Problem) -> list[dict[str, Any]]:
+    assert problem.model is not None  # both tasks train a model
     return amos_groups(problem.model, momentum=MOMENTUM)
 
 
@@ -76,7 +77,8 @@ def _run(ctx: Context) -> Outcome:
         frac = None if hit is None else hit / steps
         speed.append("holds" if frac is not None and frac <= SPEED_FRACTION else
                      ("fails" if frac is None else "partly"))
-        rows.append([task, f"{a_lr:g}", fmt_spread(a_final), f"{m_lr:g}", fmt_spread([r.final_val_loss for r in m_runs]),
+        rows.append([task, f"{a_lr:g}", fmt_spread(a_final), f"{m_lr:g}",
+                     fmt_spread([r.final_val_loss for r in m_runs]),
                      "never" if hit is None else f"{hit} of {steps} ({frac:.0%})",
                      f"{len(reached)} of {len(per_seed)}" + (f", {fmt_spread(reached, 2)}" if reached else ""),
                      f"{m_runs[0].state_bytes_per_param:.2f} / {a_runs[0].state_bytes_per_param:.2f} ({ratio:.0%})"])

@@ -380,11 +380,12 @@ def _experiment(ctx: Context) -> Outcome:
     measured = (
         f"Recovery loss over ({shift}, {shift + window}]: constant {fmt_spread(col('constant', 'recovery'))}, "
         f"schedule {fmt_spread(col('schedule', 'recovery'))}, EG {fmt_spread(col('eg', 'recovery'))}. Before the "
-        f"shift L_A(T/2): constant {fmt_spread(col('constant', 'pre'))}, schedule {fmt_spread(col('schedule', 'pre'))}, "
-        f"EG {fmt_spread(col('eg', 'pre'))}. Final L_B(T): constant {fmt_spread(col('constant', 'end'))}, schedule "
+        f"shift L_A(T/2): constant {fmt_spread(col('constant', 'pre'))}, schedule "
+        f"{fmt_spread(col('schedule', 'pre'))}, EG {fmt_spread(col('eg', 'pre'))}. Final L_B(T): constant "
+        f"{fmt_spread(col('constant', 'end'))}, schedule "
         f"{fmt_spread(col('schedule', 'end'))}, EG {fmt_spread(col('eg', 'end'))}. EG's scale: ln(s(T/2+N)/s(T/2)) = "
-        f"{fmt_spread(col('eg', 'log_s_rise'), 3)}; s(T/2) = {fmt_spread([dict(r['s_curve'])[shift] for r in runs['eg']], 3)}. "
-        f"Diverged runs: {diverged} of {seeds} each.")
+        f"{fmt_spread(col('eg', 'log_s_rise'), 3)}; s(T/2) = "
+        f"{fmt_spread([dict(r['s_curve'])[shift] for r in runs['eg']], 3)}. Diverged runs: {diverged} of {seeds} each.")
 
     data = {"task": TASK, "steps": steps, "seeds": seeds, "shift": shift, "window": window,
             "eval_every": _every(steps), "batch": BATCH, "momentum": MOMENTUM, "cap": CAP,

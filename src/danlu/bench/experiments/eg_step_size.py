@@ -95,6 +95,7 @@ def _train(seed: int, lr: float, meta_lr: float | None, steps: int) -> dict[str,
     out: dict[str, Any] = {"seed": seed, "lr": lr, "val_loss": val_loss, "val_acc": val_acc, "diverged": diverged,
                            "score": CAP if diverged else min(val_loss, CAP)}
     if meta_lr is not None:
+        assert isinstance(opt, danlu.EGStepSize)
         nus = [opt.state[p]["egs_nu"].detach().double().flatten() for p in problem.params if "egs_nu" in opt.state[p]]
         if nus and not diverged:
             nu = torch.cat(nus)
@@ -132,9 +133,10 @@ def _verdict(seeds: int, per_seed: dict[str, dict[str, list[float]]], base_best_
         if s_cost == 1 or s_near == -1:
             why = ("its best is significantly worse than 1.1× SGD's" if s_cost == 1
                    else "it has significantly fewer lrs near its best")
-            return "mixed", f"EGStepSize narrows the spread of the final val loss over the lr grid but {why}: {nums}; {rule}."
-        return "supported", (f"EGStepSize narrows the spread of the final val loss over the lr grid significantly at no "
-                             f"significant cost at the best lr: {nums}; {rule}.")
+            return "mixed", (f"EGStepSize narrows the spread of the final val loss over the lr grid but {why}: "
+                             f"{nums}; {rule}.")
+        return "supported", (f"EGStepSize narrows the spread of the final val loss over the lr grid significantly at "
+                             f"no significant cost at the best lr: {nums}; {rule}.")
     if s_spread == 1:
         return "not supported", f"The spread over the lr grid is significantly larger with EGStepSize: {nums}; {rule}."
     if s_near == 1:
@@ -257,10 +259,10 @@ def _sweep(ctx: Context) -> Outcome:
         f"Arms: plain SGD (`danlu.SGDM(momentum=0)`; Su's hypergradient −η·g_{{t−1}}⊙g_t is exact for SGD) and "
         f"`danlu.EGStepSize(SGD, meta_lr=γ)` in its default form (Su's rule, one ν per coordinate, exponent clamp "
         f"±0.5, ν ∈ [1e-2, 1e2], no normalisation). lr grid: {', '.join(_fmt_lr(x) for x in LRS)}; {seeds} seed(s) "
-        f"per (arm, lr), a seed fixing the initialisation and batch order for both arms. γ = {meta_lr:g}, chosen before "
-        f"the sweep by a pilot: γ ∈ {{{', '.join(f'{g:g}' for g in META_GRID)}}} at lrs {', '.join(f'{x:g}' for x in PILOT_LRS)} "
-        f"(the grid's ends and centre) on pilot seeds {', '.join(map(str, PILOT_SEEDS))} (not in the sweep), lowest "
-        f"mean score "
+        f"per (arm, lr), a seed fixing the initialisation and batch order for both arms. γ = {meta_lr:g}, chosen "
+        f"before the sweep by a pilot: γ ∈ {{{', '.join(f'{g:g}' for g in META_GRID)}}} at lrs "
+        f"{', '.join(f'{x:g}' for x in PILOT_LRS)} (the grid's ends and centre) on pilot seeds "
+        f"{', '.join(map(str, PILOT_SEEDS))} (not in the sweep), lowest mean score "
         f"(pilot means: {', '.join(f'{g:g}: {statistics.fmean(pilot[repr(g)]):.4g}' for g in META_GRID)}). "
         f"Diverged = a non-finite loss or a final val loss > 10·ln 10; scores for the sensitivity measures are "
         f"min(val loss, ln 10), diverged = ln 10 (the uniform predictor, the worst outcome). Per seed over the grid: "
@@ -277,8 +279,8 @@ def _sweep(ctx: Context) -> Outcome:
         f"score: SGD {fmt_spread(per_seed['sgd']['grid_mean'], 3)}, EG {fmt_spread(per_seed['eg']['grid_mean'], 3)}. "
         f"Best score per seed: SGD {fmt_spread(per_seed['sgd']['best'])}, EG {fmt_spread(per_seed['eg']['best'])} "
         f"(mean curve's best lr: SGD {_fmt_lr(best_lr['sgd'])}, EG {_fmt_lr(best_lr['eg'])}). Diverged runs: SGD "
-        f"{sum(r['diverged'] for row in runs['sgd'] for r in row)}, EG {sum(r['diverged'] for row in runs['eg'] for r in row)} "
-        f"of {len(LRS) * seeds} each.")
+        f"{sum(r['diverged'] for row in runs['sgd'] for r in row)}, EG "
+        f"{sum(r['diverged'] for row in runs['eg'] for r in row)} of {len(LRS) * seeds} each.")
     data = {"task": TASK, "steps": steps, "seeds": seeds, "lrs": list(LRS), "meta_lr": meta_lr,
             "pilot": {"meta_grid": list(META_GRID), "seeds": list(PILOT_SEEDS), "lrs": list(PILOT_LRS),
                       "scores": pilot},

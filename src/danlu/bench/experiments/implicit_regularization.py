@@ -59,8 +59,9 @@ ascent steps after it (≈ ½ when descent and ascent alternate, the case Su ana
 
 Cost at the defaults (10 seeds, 200 steps): 10 × (3000 plain + 2 × 1600 penalised + 200 flooded)
 steps on 200 rows, a penalised step costing about 2–2.5 plain ones: 35 s with one intra-op thread on
-a lightly shared 2-core machine, where the previous protocol (5 seeds on all 1437 rows) took 82 s. With 2 intra-op threads on a
-shared machine this small model runs several times *slower* (thread contention), so run it with 1.
+a lightly shared 2-core machine, where the previous protocol (5 seeds on all 1437 rows) took 82 s. With
+2 intra-op threads on a shared machine this small model runs several times *slower* (thread
+contention), so run it with 1.
 
 **Verdict rule** (written before the first run of this protocol). Arms of one seed share the
 initialisation, so every comparison is *paired*: per seed, a difference to the control, tested against
@@ -99,7 +100,7 @@ that holds through a single pair is marked as such in the reason.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -169,6 +170,8 @@ def _train(seed: int, lr: float, steps: int, strength: float = 0.0, method: str 
     penalty if strength > 0, on ``flood(L, flood_level)`` if a level is given; ``record_path`` keeps
     (train loss, ‖∇L‖²) at every step (from the step's own gradient)."""
     problem = get_task(TASK).build(seed)
+    batch_loss = problem.batch_loss
+    assert batch_loss is not None and problem.model is not None and problem.train_data is not None
     if TRAIN_ROWS > int(problem.info["train_size"]):
         raise ValueError(f"{TASK} has only {problem.info['train_size']} training rows, fewer than {TRAIN_ROWS}")
     idx = torch.arange(TRAIN_ROWS)
@@ -186,8 +189,9 @@ def _train(seed: int, lr: float, steps: int, strength: float = 0.0, method: str 
     diverged = False
 
     def closure() -> torch.Tensor:
-        return problem.batch_loss(idx)
+        return batch_loss(idx)
 
+    loss: torch.Tensor
     for step in range(steps + 1):
         if step in marks:
             lt, r = _full_grad_sq(problem, idx)
@@ -198,7 +202,7 @@ def _train(seed: int, lr: float, steps: int, strength: float = 0.0, method: str 
         if step == steps:
             break
         if strength > 0:
-            loss = opt.step(closure)
+            loss = cast(GradientPenalty, opt).step(closure)
         else:
             sgd.zero_grad()
             loss = closure()

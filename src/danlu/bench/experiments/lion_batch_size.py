@@ -247,7 +247,7 @@ def _run(ctx: Context) -> Outcome:
 
     plots = []
     xs = [p["batch"] for p in per_batch]
-    for key, ylabel, fname, fn in (
+    for _key, ylabel, fname, fn in (
             ("val_loss", "final val loss", "lion-batch-size-val-loss.png", lambda rs: _metric(rs, "val_loss")),
             ("gap", "val loss − full-train loss", "lion-batch-size-gap.png", _gap)):
         plt, fig, ax = figure()

@@ -10,9 +10,10 @@ user's question is: tune AdamW as usual, convert, and is Lion then as good?
 **Protocol.** Tasks ``digits`` (MLP, batch 64, ``steps`` steps) and ``charlm`` (2-layer transformer,
 batch 32, ``steps // 2`` steps). AdamW (danlu's, betas (0.9, 0.999), weight decay 0.01, the library
 default) is tuned over the task's lr grid (its default lr × 1/3, 1, 3, extended by ×3 beyond an end
-that holds the best, at most twice), picking the lr with the lowest mean final val loss over the seeds. Lion (betas (0.9, 0.99)) then runs, without tuning, at
-``lion_from_adamw(best_lr, 0.01, factor)`` for factor 10 (the converter's default, Su) and 3 (the
-paper's other end). Same seeds (initialisation and batch order) for every arm.
+that holds the best, at most twice), picking the lr with the lowest mean final val loss over the seeds.
+Lion (betas (0.9, 0.99)) then runs, without tuning, at ``lion_from_adamw(best_lr, 0.01, factor)`` for
+factor 10 (the converter's default, Su) and 3 (the paper's other end). Same seeds (initialisation and
+batch order) for every arm.
 
 **Verdict rule.** Per task, Lion ÷10 against tuned AdamW on final val loss: significantly worse
 (> 2 standard errors, Welch, over seeds) → the claim fails on that task; otherwise it holds (matches or

@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ def _transfer_model(seed: int, s: float, eps: float) -> nn.Sequential:
                               nn.LayerNorm(HIDDEN, eps=eps, elementwise_affine=False),
                               nn.ReLU(), nn.Linear(HIDDEN, 10))
     with torch.no_grad():
-        model[0].weight.mul_(s)
+        cast(nn.Linear, model[0]).weight.mul_(s)
     return model
 
 
@@ -176,7 +176,7 @@ def _train_transfer(seed: int, s: float, arm: _Arm, steps: int, alpha0: float = 
 
     xt, yt, xv, yv = _sklearn_split(load_digits, 360, "digits", torch.long)
     model = _transfer_model(seed, s, arm.eps)
-    w = model[0].weight
+    w = cast(nn.Linear, model[0]).weight
     w0 = w.detach().clone()
     sigma_s = float(w0.std())
     # the control keeps the s = 1 scale for the rescaled layer: σ_1 = σ_s / s (exact for s a power of 2)
@@ -318,8 +318,13 @@ def _train_scheduled(seed: int, steps: int, alpha0: float, power: int | None, ha
     """:func:`danlu.bench.loop.run` of Lion over ``scale_aware_groups(model, alpha0)`` on ``task`` with
     ``lr_lambda=scale_aware_lr_lambda(halve_at=..., power=power)`` (``power=None``: no schedule)."""
     schedule = scale_aware_lr_lambda(halve_at=halve_at, power=power) if power is not None else None
+
+    def groups(problem: Problem) -> list[dict[str, Any]]:
+        assert problem.model is not None  # the tasks here train a model
+        return scale_aware_groups(problem.model, alpha0)
+
     return run(get_task(task), "lion", alpha0, seed, steps, eval_every=max(1, steps // EVAL_POINTS),
-               param_groups=lambda problem: scale_aware_groups(problem.model, alpha0), lr_lambda=schedule)
+               param_groups=groups, lr_lambda=schedule)
 
 
 def _part_c(ctx: Context, steps: int) -> dict[str, Any]:

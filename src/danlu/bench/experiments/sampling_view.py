@@ -55,7 +55,7 @@ little noise and ends where CE does: that is not MGS working, it is the search s
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -106,7 +106,8 @@ def _adamw(problem: Problem) -> danlu.AdamW:
 
 def _distance(problem: Problem, start: list[torch.Tensor]) -> float:
     """‖θ − θ_start‖ over all parameters."""
-    return math.sqrt(sum(float((p.detach().double() - s.double()).square().sum()) for p, s in zip(problem.params, start)))
+    return math.sqrt(sum(float((p.detach().double() - s.double()).square().sum())
+                         for p, s in zip(problem.params, start)))
 
 
 def _run_arm(arm: str, seed: int, start: list[torch.Tensor], steps: int) -> dict[str, Any]:
@@ -165,7 +166,7 @@ def _limit(problem: Problem, seed: int) -> dict[str, Any]:
     holder.zero_grad()
     zo = danlu.ZeroOrder(params, sigma=ZO_SIGMA, samples=ZO_DIRECTIONS, optimizer=holder, seed=20_000 + seed)
     zo.step(closure)
-    g_hat = torch.cat([p.grad.detach().reshape(-1) for p in params]).double()
+    g_hat = torch.cat([cast(torch.Tensor, p.grad).detach().reshape(-1) for p in params]).double()  # ZO's ĝ
     holder.zero_grad()
     _set_params(problem, theta0)  # undo the few-ulp drift of the perturb/restore cycles
     D = torch.stack(steps)
@@ -183,7 +184,8 @@ def _limit(problem: Problem, seed: int) -> dict[str, Any]:
         est = danlu.sampling_step(lambda S: losses, lambda n, gen: D, None, alpha, D.shape[0])
         est = est - D.mean(0)  # 0 up to rounding: the steps come in ± pairs
         rel.append(float((alpha * est - target).norm() / target.norm()))
-        cos.append(float(est @ -g_hat) / (float(est.norm()) * float(g_hat.norm())) if float(est.norm()) > 0 else math.nan)
+        cos.append(float(est @ -g_hat) / (float(est.norm()) * float(g_hat.norm())) if float(est.norm()) > 0
+                   else math.nan)
     return {"limit_rel_error": rel, "limit_cos": cos, "limit_spread": spread,
             "limit_distinct_values": len(set(values))}
 
@@ -248,8 +250,8 @@ def _run(ctx: Context) -> Outcome:
     rows = []
     for st in STARTS:
         for a in ARMS:
-            sign = significant(err[st][a], err[st]["CE"]) if a != "CE" else 0
-            vs = "—" if a == "CE" else {1: "higher", 0: "no significant difference", -1: "lower"}[sign]
+            arm_sign = significant(err[st][a], err[st]["CE"]) if a != "CE" else 0
+            vs = "—" if a == "CE" else {1: "higher", 0: "no significant difference", -1: "lower"}[arm_sign]
             marks = [f"σ* ({scale})" for scale in chosen if chosen[scale][st]["arm"] == a]
             marks += ["reference default"] if a == REFERENCE else []
             rows.append([st, a + (f" ({', '.join(marks)})" if marks else ""),

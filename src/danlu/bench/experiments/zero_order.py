@@ -4,10 +4,10 @@
 gradient of an argmax metric and the policy gradient (PG) of its expectation under the model's own
 output distribution are the same estimator up to smoothing, so at the same parameters the two point
 the same way (a *directional* equivalence: the ZO side smooths the indicator with a Gaussian in
-parameter space, the PG side with the model's softmax, here its sigmoid). (2) Welleck & Cho (arXiv:2006.03158, AAAI 2021;
-Su's sampling view, kexue.fm/archives/7521): MLE-guided parameter search (MGS), which scores a few
-random candidates around the surrogate step by the task loss itself, lowers the task loss compared with
-continued maximum-likelihood (cross-entropy) training at an equal number of updates.
+parameter space, the PG side with the model's softmax, here its sigmoid). (2) Welleck & Cho
+(arXiv:2006.03158, AAAI 2021; Su's sampling view, kexue.fm/archives/7521): MLE-guided parameter
+search (MGS), which scores a few random candidates around the surrogate step by the task loss itself,
+lowers the task loss compared with continued maximum-likelihood (cross-entropy) training at an equal number of updates.
 
 **Protocol.** Task ``zero-one`` (logistic model ``nn.Linear(30, 1)`` on scikit-learn's breast-cancer
 data, 455 train / 114 val rows, full batch; objective = train 0-1 error). Per seed, the seeded init is
@@ -73,7 +73,7 @@ and β are read back from the optimizer into the results.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,9 @@ class _Counter:
         self.backward = 0
         self._n = n_train
         problem.model.register_forward_hook(self._on_forward)
-        problem.model.weight.register_hook(self._on_backward)
+        weight = problem.model.weight
+        assert isinstance(weight, torch.Tensor)  # the task's nn.Linear
+        weight.register_hook(self._on_backward)
 
     def _on_forward(self, module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if inputs[0].shape[0] == self._n:
@@ -196,6 +198,11 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
 
 
+def _grad_vector(params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients of ``params`` (every one has one) as one float64 vector."""
+    return torch.cat([cast(torch.Tensor, p.grad).detach().flatten() for p in params]).double()
+
+
 def _equivalence(problem: Problem, xt: torch.Tensor, yt: torch.Tensor, seed: int, directions: int) -> dict[str, Any]:
     """At the current θ, per σ in EQ_SIGMAS: cos(ZO ∇ 0-1 error, exact PG of the expected error) and
     cos(ZO, ∇CE); also cos(PG, ∇CE)."""
@@ -209,17 +216,17 @@ def _equivalence(problem: Problem, xt: torch.Tensor, yt: torch.Tensor, seed: int
         zo = danlu.ZeroOrder(params, sigma=sigma, samples=directions, optimizer=holder, seed=10_000 + seed)
         holder.zero_grad()
         zo.step(problem.task_loss)
-        g_zo[sigma] = torch.cat([p.grad.detach().flatten() for p in params]).double()
+        g_zo[sigma] = _grad_vector(params)
         _set_params(problem, before)  # undo the few-ulp drift of the perturb/restore cycles
     # Policy gradient of E_{y~p_θ} 1[y ≠ label] = mean_i (1 − p_θ(labelᵢ | xᵢ)), exactly.
     holder.zero_grad()
     z = problem.model(xt).squeeze(-1)
     p_label = torch.where(yt > 0.5, torch.sigmoid(z), torch.sigmoid(-z))
     (1.0 - p_label).mean().backward()
-    g_pg = torch.cat([p.grad.detach().flatten() for p in params]).double()
+    g_pg = _grad_vector(params)
     holder.zero_grad()
     problem.batch_loss(torch.arange(len(yt))).backward()
-    g_ce = torch.cat([p.grad.detach().flatten() for p in params]).double()
+    g_ce = _grad_vector(params)
     holder.zero_grad()
     return {"cos_zo_pg": _cosine(g_zo[ZO_SIGMA], g_pg), "cos_zo_ce": _cosine(g_zo[ZO_SIGMA], g_ce),
             "cos_pg_ce": _cosine(g_pg, g_ce),
@@ -247,6 +254,7 @@ def _run_seed(seed: int, ctx: Context, xt: torch.Tensor, yt: torch.Tensor) -> di
     out.update(_equivalence(problem, xt, yt, seed, _directions(steps)))
     for arm in ARMS:
         problem = task.build(seed)
+        assert problem.task_loss is not None
         _set_params(problem, start)
         counter = _Counter(problem, n)
         ties: list[int] = []
