@@ -1,12 +1,13 @@
 # `make test`: create .venv if missing, install torch (CPU build pinned) and danlu[test,bench], run the suite.
 # `make demo`: the same install, then `danlu compare` on its default suite (report in danlu-report/).
 # `make lint`: ruff and mypy with the settings in pyproject.toml (CI runs it after the tests).
+# `make docs`: the documentation site, built strictly into site/, then its page test (math in Chromium).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test demo install lint clean
+.PHONY: test demo install lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,13 @@ lint: install
 	$(BIN)/ruff check src tests examples
 	$(BIN)/mypy
 
+docs: install
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+	$(BIN)/python -m pytest -q tests/test_docs.py
+
 demo: install
 	$(BIN)/danlu compare --out danlu-report
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
