@@ -8,6 +8,7 @@ import torch
 
 from .._core.distributed import layout_of, local_state, sum_partials
 from .._core.numerics import acc_dtype, propagate_nonfinite_
+from .._core.optimizer import DanluOptimizer
 from .._core.validate import check_choice, check_number, check_optional
 from .._core.wrapper import OptimizerWrapper
 
@@ -381,10 +382,7 @@ class EGStepSize(OptimizerWrapper):
                 loss; it runs with gradients enabled before anything else. The inner optimizer is
                 stepped without it.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = DanluOptimizer._run_closure(closure)
         work = self._work()
         # FSDP2 parameters are stepped on their local shards (plain tensors): (param, local θ, local g, shard).
         local_work = []

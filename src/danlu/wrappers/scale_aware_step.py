@@ -11,6 +11,7 @@ from torch import nn
 from .._core.distributed import layout_of, sum_partials
 from .._core.modules import classify_parameters
 from .._core.numerics import acc_dtype
+from .._core.optimizer import DanluOptimizer
 from .._core.validate import check_number
 from .._core.wrapper import OptimizerWrapper
 
@@ -18,6 +19,19 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 __all__ = ["ScaleAwareStep"]
+
+
+def _init_distance(name: str, p: torch.Tensor, kind: str, sigma: float | None, bias_sigma: float,
+                   norm_sigma: float) -> float:
+    """‖ε0‖ = √k·σ of parameter ``p`` (σ given, or by the rule of :func:`danlu.scale_aware_groups`), read
+    off the whole parameter (an FSDP2 DTensor is gathered)."""
+    from ..recipes import _init_scale  # noqa: PLC0415 (recipes imports nothing of the wrappers)
+
+    full = cast("DTensor", p).full_tensor() if layout_of(p) is not None else p
+    if sigma is None:
+        sigma = _init_scale(name, full, kind, bias_sigma, norm_sigma)
+    sigma = check_number(f"sigma of {name}", sigma, low=0.0, low_open=True)
+    return math.sqrt(max(full.numel(), 1)) * sigma
 
 
 class ScaleAwareStep(OptimizerWrapper):
@@ -89,15 +103,13 @@ class ScaleAwareStep(OptimizerWrapper):
     ) -> None:
         super().__init__(optimizer)
         self.q = check_number("q", q, low=0.0, low_open=True)
-        check_number("bias_sigma", bias_sigma, low=0.0, low_open=True)
-        check_number("norm_sigma", norm_sigma, low=0.0, low_open=True)
+        self._bias_sigma = check_number("bias_sigma", bias_sigma, low=0.0, low_open=True)
+        self._norm_sigma = check_number("norm_sigma", norm_sigma, low=0.0, low_open=True)
         if not isinstance(decay, bool):
             raise TypeError(f"Invalid decay: {decay!r} (expected a bool)")
         self.decay = decay
         for i, group in enumerate(self.param_groups):
             self._check_group(i, group)
-        from ..recipes import _init_scale  # noqa: PLC0415 (recipes imports nothing of the wrappers)
-
         roles: dict[int, tuple[str, str]] = {}
         if model is not None:
             if not isinstance(model, nn.Module):
@@ -109,11 +121,7 @@ class ScaleAwareStep(OptimizerWrapper):
             for j, p in enumerate(group["params"]):
                 name, kind = roles.get(id(p), (f"param_groups[{gi}][{j}]", "other"))
                 sigma = sigma_fn(name, p) if sigma_fn is not None else None
-                full = p.full_tensor() if layout_of(p) is not None else p  # σ of the whole parameter
-                if sigma is None:
-                    sigma = _init_scale(name, full, kind, bias_sigma, norm_sigma)
-                sigma = check_number(f"sigma of {name}", sigma, low=0.0, low_open=True)
-                scales[gi].append(math.sqrt(max(full.numel(), 1)) * sigma)
+                scales[gi].append(_init_distance(name, p, kind, sigma, bias_sigma, norm_sigma))
         self._scales = scales
         for group in self.param_groups:
             group.setdefault("sas_alpha0", float(group["lr"]))
@@ -140,13 +148,8 @@ class ScaleAwareStep(OptimizerWrapper):
             self.param_groups.pop()
             raise
         group.setdefault("sas_alpha0", float(group["lr"]))
-        from ..recipes import _init_scale  # noqa: PLC0415
-
-        row = []
-        for p in group["params"]:
-            full = p.full_tensor() if layout_of(p) is not None else p
-            row.append(math.sqrt(max(full.numel(), 1)) * _init_scale("", full, "other", 0.5, 0.5))
-        self._scales.append(row)
+        gi = len(self.param_groups) - 1
+        self._scales.append([_init_distance(f"param_groups[{gi}][{j}]", p, "other", None, 0.5, 0.5) for j, p in enumerate(group["params"])])
 
     def _scale_of(self, p: torch.Tensor, gi: int, j: int) -> torch.Tensor:
         state = self.state[p]
@@ -161,10 +164,7 @@ class ScaleAwareStep(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the closure (if given), step the inner optimizer, rescale each tensor's update and decay."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = DanluOptimizer._run_closure(closure)
         work = []
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
@@ -184,18 +184,15 @@ class ScaleAwareStep(OptimizerWrapper):
             self._scale_of(p, gi, j)    # torch.distributed.checkpoint's init step, so that DCP loads them)
         if not getattr(self.optimizer, "is_update_step", True):
             return loss  # accumulation inside the momentum, mid-window: θ did not move
-        parts = []
-        for (_, _, _, loc, _, _), p0 in zip(work, old):
-            d = loc.detach().to(acc_dtype(loc)) - p0.to(acc_dtype(loc))
-            parts.append([d.square().sum()])
+        bases = [p0.to(acc_dtype(p0)) for p0 in old]
+        deltas = [w[3].detach().to(base.dtype) - base for w, base in zip(work, bases)]
+        parts = [[d.square().sum()] for d in deltas]
         if any(w[2] is not None for w in work):
             parts = sum_partials(parts, [w[2] for w in work])
-        for (p, group, _, loc, gi, j), p0, (ss,) in zip(work, old, parts):
+        for (p, group, _, loc, gi, j), base, delta, (ss,) in zip(work, bases, deltas, parts):
             lr = float(group["lr"])
             alpha0 = float(group.setdefault("sas_alpha0", lr))
-            dt = acc_dtype(loc)
-            base = p0.to(dt)
-            delta = loc.detach().to(dt) - base
+            dt = base.dtype
             norm = ss.to(torch.float64).sqrt()
             scale = self._scale_of(p, gi, j).to(norm.device)
             # Δ = 0 → no step; a non-finite Δ stays non-finite (the failure shows in θ).

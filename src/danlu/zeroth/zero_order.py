@@ -823,8 +823,7 @@ def reinforce_loss(log_probs: torch.Tensor, rewards: Any, baseline: Any = "mean"
         den = s.sum() - s
         loo = (r.sum() - r) / (n - 1)
         b = torch.where(den > 0, (rs.sum() - rs) / den.clamp_min(torch.finfo(r.dtype).tiny), loo)
-        return -((r - b) * log_probs).mean()
-    if isinstance(baseline, str):
+    elif isinstance(baseline, str):
         if baseline not in ("mean", "leave_one_out"):
             _fail("baseline", baseline, "one of 'mean', 'leave_one_out', 'optimal', None, a real number or a tensor")
         if n < 2:

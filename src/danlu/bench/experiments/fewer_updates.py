@@ -53,7 +53,7 @@ from ... import AdamW, SGDM
 from ...wrappers.chi_gate import ChiGated
 from ._common import (Context, Experiment, Outcome, difference, figure, fmt_spread, mean_std, save_figure,
                       significant)
-from .accumulation import B, K, _checkpoints, _Seed
+from .accumulation import TUNE_SEEDS, B, K, _checkpoints, _micro, _Seed, _tune_seeds
 
 OPTIMIZERS = ("sgdm", "adamw")
 NAMES = {"sgdm": "SGDM", "adamw": "AdamW"}
@@ -61,7 +61,6 @@ GRIDS = {"sgdm": (0.03, 0.1, 0.3), "adamw": (1e-3, 3e-3, 1e-2)}
 SGDM_BETA = 0.9
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_WD = 1e-2
-TUNE_SEEDS = (1000, 1001)
 ARMS = ("exact", "chi", "tilde_chi", "small", "small_lr_over_k")
 GATED = ("exact", "chi", "tilde_chi")
 LABELS = {
@@ -71,14 +70,6 @@ LABELS = {
     "small": f"4. batch {B}, lr α",
     "small_lr_over_k": f"5. batch {B}, lr α/{K}",
 }
-
-
-def _micro(steps: int) -> int:
-    return max(K, steps - steps % K)
-
-
-def _tune_seeds(seeds: int) -> int:
-    return min(len(TUNE_SEEDS), max(1, seeds))
 
 
 def _units(seeds: int, steps: int) -> int:
