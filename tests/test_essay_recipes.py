@@ -242,3 +242,15 @@ def test_adams_first_update_is_the_sign_and_early_ones_stay_close():
         u = prev - p.detach()
         assert torch.equal(torch.sign(u), torch.sign(g0))
         assert (u.abs() > 0.5).all() and (u.abs() < 1.6).all()
+
+
+def test_scale_aware_step_group_added_later_takes_the_configured_sigma():
+    """A group added through the wrapper gets ‖ε0‖ = √k·σ with the wrapper's bias_sigma for a constant vector."""
+    model = _mlp(5)
+    extra = nn.Parameter(torch.zeros(9, dtype=torch.float64))
+    opt = danlu.ScaleAwareStep(torch.optim.SGD(model.parameters(), lr=1e-3), model=model, bias_sigma=0.2, decay=False)
+    opt.add_param_group({"params": [extra], "lr": 1e-2})
+    extra.grad = torch.ones(9, dtype=torch.float64)
+    opt.step()
+    assert float(opt.state[extra]["sas_scale"]) == pytest.approx(3 * 0.2)
+    assert float(extra.detach().norm()) == pytest.approx(1e-2 * 3 * 0.2, rel=1e-12)

@@ -66,9 +66,10 @@ class ScaleAwareStep(OptimizerWrapper):
     :func:`~danlu.scale_aware_groups`: a matrix's or embedding's standard deviation (a zero matrix:
     √(1/fan_in)), ``bias_sigma`` (0.5) for biases and constant vectors, ``norm_sigma`` (0.5) for norm
     gains (with ``model``, which also tells biases and norm gains apart by their module), or
-    ``sigma_fn(name, param)`` where it returns a number. Build the wrapper before training: the scale
-    ‖ε0‖ = √k·σ of every tensor is kept in the state (``sas_scale``) from its first step on, so a resumed
-    run keeps its initial scales.
+    ``sigma_fn(name, param)`` where it returns a number (at construction; a group added later takes the
+    rule with ``bias_sigma`` and ``norm_sigma``, its tensors' roles unknown). Build the wrapper before
+    training: the scale ‖ε0‖ = √k·σ of every tensor is kept in the state (``sas_scale``) from its first
+    step on, so a resumed run keeps its initial scales.
 
     Args:
         optimizer: the inner optimizer (any ``torch.optim.Optimizer`` with weight decay 0).
@@ -149,7 +150,8 @@ class ScaleAwareStep(OptimizerWrapper):
             raise
         group.setdefault("sas_alpha0", float(group["lr"]))
         gi = len(self.param_groups) - 1
-        self._scales.append([_init_distance(f"param_groups[{gi}][{j}]", p, "other", None, 0.5, 0.5) for j, p in enumerate(group["params"])])
+        self._scales.append([_init_distance(f"param_groups[{gi}][{j}]", p, "other", None, self._bias_sigma,
+                                            self._norm_sigma) for j, p in enumerate(group["params"])])
 
     def _scale_of(self, p: torch.Tensor, gi: int, j: int) -> torch.Tensor:
         state = self.state[p]
